@@ -1,0 +1,94 @@
+"""`aether`: the station's entry point (window, --headless, and the subcommands)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib
+import logging
+import os
+import signal
+import sys
+
+from aether_desktop.config import ConfigError, StationConfig, add_station_arguments, from_args
+
+SUBCOMMANDS = {
+    "detect": "aether_desktop.cli.detect",
+    "replay": "aether_desktop.cli.replay",
+    "submit": "aether_desktop.cli.submit",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="aether",
+        description="Aether: desktop control station for fleets of NVIDIA GPU hosts. With no options it starts "
+        "an embedded NATS server and an embedded PostgreSQL and opens the window.",
+        epilog="Subcommands: 'aether detect --help' (offline alert detection on recorded telemetry), "
+        "'aether replay --help' (what-if scheduling replay), 'aether submit --help' (submit a job). "
+        "Environment: AETHER_NATS, AETHER_NATS_USER, AETHER_NATS_PASSWORD, AETHER_NATS_TOKEN, "
+        "AETHER_NATS_CREDS, AETHER_DB_DSN, AETHER_DATA_DIR, AETHER_SUBJECT_PREFIX, AETHER_DEMO, "
+        "AETHER_LOG_LEVEL. Precedence: flags > environment > config file > defaults.",
+    )
+    add_station_arguments(p)
+    return p
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stdout,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        module = importlib.import_module(SUBCOMMANDS[argv[0]])
+        return int(module.main(argv[1:]))
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = from_args(args, dict(os.environ))
+    except ConfigError as exc:
+        print(f"aether: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(cfg.log_level)
+    if cfg.headless:
+        return run_headless(cfg)
+    from aether_desktop.gui import run_gui
+
+    return run_gui(cfg)
+
+
+def run_headless(cfg: StationConfig) -> int:
+    from aether_desktop.station import LogSink, Station, data_dir_ok
+
+    problem = data_dir_ok(cfg.data_dir)
+    if problem:
+        print(f"aether: {problem}", file=sys.stderr)
+        return 2
+
+    async def runner() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, stop.set)
+        station = Station(cfg, LogSink())
+        from aether_desktop.wiring import wire_services
+
+        wire_services(station)
+        try:
+            await station.start()
+            await stop.wait()
+        finally:
+            await station.stop()
+
+    asyncio.run(runner())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,440 @@
+"""Alert lifecycle: hysteresis, de-duplication, grouping per host, acknowledge, snooze.
+
+Detectors (rules, the anomaly model) emit ``Finding``s per GPU sample. The
+manager keeps, per GPU and detector, the last ``n`` sample verdicts and raises
+only when ``k`` of them are anomalous, so one noisy sample never pages anyone.
+An alert is grouped per host and kind: eight GPUs of a host losing their fans
+together are one alert listing eight GPUs, not eight alerts. An alert clears
+after a quiet period of *observed* healthy samples (a host that stopped
+reporting keeps its alerts open: silence is not health).
+
+The manager is synchronous and pure (no I/O): the station calls ``update``
+once per tick; persistence and the UI listen through the callbacks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
+
+from aether_desktop.services.rules import SEVERITY_RANK, Finding, Severity
+
+if TYPE_CHECKING:
+    from psycopg_pool import AsyncConnectionPool
+
+log = logging.getLogger("aether.alerts")
+
+AlertState = Literal["active", "acknowledged", "snoozed", "cleared"]
+ChangeKind = Literal["raised", "updated", "cleared"]
+T = TypeVar("T")
+
+
+class Callbacks(Generic[T]):
+    """A tiny listener list: services expose these, the Qt bridge turns them into signals."""
+
+    def __init__(self) -> None:
+        self._subs: list[Callable[[T], None]] = []
+
+    def connect(self, fn: Callable[[T], None]) -> None:
+        self._subs.append(fn)
+
+    def disconnect(self, fn: Callable[[T], None]) -> None:
+        self._subs.remove(fn)
+
+    def emit(self, value: T) -> None:
+        for fn in list(self._subs):
+            fn(value)
+
+
+@dataclass(frozen=True)
+class Alert:
+    """A snapshot of one alert (immutable: listeners may keep it)."""
+
+    id: str
+    host: str
+    kind: str
+    severity: Severity
+    source: Literal["rule", "model"]
+    state: AlertState
+    first_ts: float  # time of the first sample that triggered it
+    raised_ts: float  # station time when it was raised
+    last_ts: float  # last anomalous sample
+    message: str
+    score: float
+    count: int  # anomalous samples seen while open
+    gpu_first_ts: tuple[tuple[int, float], ...]  # (gpu, first triggering sample) in joining order
+    cleared_ts: float | None = None
+    acked_ts: float | None = None
+    snoozed_until: float | None = None
+
+    @property
+    def gpus(self) -> tuple[int, ...]:
+        return tuple(g for g, _ in self.gpu_first_ts)
+
+    @property
+    def gpu(self) -> int:
+        """The first GPU that triggered it (where a click should focus)."""
+        return self.gpu_first_ts[0][0]
+
+    @property
+    def is_open(self) -> bool:
+        return self.state != "cleared"
+
+
+@dataclass(frozen=True)
+class AlertChange:
+    change: ChangeKind
+    alert: Alert
+    new_gpus: tuple[int, ...] = ()  # GPUs that joined the alert with this change
+
+
+@dataclass(frozen=True)
+class Hysteresis:
+    k: int  # anomalous samples needed ...
+    n: int  # ... among the last n samples of that GPU
+    quiet_s: float  # healthy time before an alert clears
+
+
+@dataclass(frozen=True)
+class AlertPolicy:
+    # Hard faults fire on the first sample; a temperature or throttle reading
+    # must persist; the model needs a majority of a short window.
+    per_detector: Mapping[str, Hysteresis] = field(default_factory=lambda: {
+        "xid": Hysteresis(1, 1, 300.0),
+        "ecc_dbe": Hysteresis(1, 1, 600.0),
+        "gpu_lost": Hysteresis(1, 1, 60.0),
+        "over_slowdown_temp": Hysteresis(3, 5, 120.0),
+        "hw_throttle": Hysteresis(3, 5, 120.0),
+        "model": Hysteresis(3, 5, 180.0),
+    })
+    default: Hysteresis = Hysteresis(3, 5, 180.0)
+    # An open alert re-announces its last_ts/count at most this often (persistence refresh).
+    refresh_s: float = 30.0
+
+    def for_detector(self, detector: str) -> Hysteresis:
+        return self.per_detector.get(detector, self.default)
+
+
+@dataclass
+class _Tracker:
+    window: deque[tuple[float, bool]]
+    kinds: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass
+class _Open:
+    alert: Alert
+    gpu_last_hit: dict[int, float]
+    detectors: set[str]
+    last_emit: float
+
+
+class AlertManager:
+    """Turns per-sample findings into alerts with a lifecycle; emits changes to listeners."""
+
+    def __init__(self, policy: AlertPolicy | None = None, id_factory: Callable[[], str] | None = None) -> None:
+        self.policy = policy or AlertPolicy()
+        self._new_id = id_factory or (lambda: str(uuid.uuid4()))
+        self._trackers: dict[tuple[str, int, str], _Tracker] = {}
+        self._open: dict[str, _Open] = {}
+        self._by_group: dict[tuple[str, str], str] = {}  # (host, kind) -> open alert id
+        self._by_gpu: dict[tuple[str, int, str], str] = {}  # (host, gpu, detector) -> open alert id
+        self._last_seen: dict[tuple[str, int], float] = {}
+        self.on_alert_raised: Callbacks[Alert] = Callbacks()
+        self.on_alert_updated: Callbacks[Alert] = Callbacks()
+        self.on_alert_cleared: Callbacks[Alert] = Callbacks()
+
+    # ------------------------------------------------------------------ queries
+
+    def open_alerts(self) -> list[Alert]:
+        return [o.alert for o in self._open.values()]
+
+    def get(self, alert_id: str) -> Alert | None:
+        o = self._open.get(alert_id)
+        return o.alert if o else None
+
+    def health(self) -> Severity | None:
+        """Worst severity among open alerts that still want attention (None = all quiet)."""
+        worst: Severity | None = None
+        for o in self._open.values():
+            if o.alert.state != "active":
+                continue
+            if worst is None or SEVERITY_RANK[o.alert.severity] > SEVERITY_RANK[worst]:
+                worst = o.alert.severity
+        return worst
+
+    # ------------------------------------------------------------------ operator actions
+
+    def acknowledge(self, alert_id: str, now: float) -> Alert | None:
+        o = self._open.get(alert_id)
+        if o is None:
+            return None
+        o.alert = replace(o.alert, state="acknowledged", acked_ts=now, snoozed_until=None)
+        self.on_alert_updated.emit(o.alert)
+        return o.alert
+
+    def snooze(self, alert_id: str, until: float) -> Alert | None:
+        o = self._open.get(alert_id)
+        if o is None:
+            return None
+        o.alert = replace(o.alert, state="snoozed", snoozed_until=until)
+        self.on_alert_updated.emit(o.alert)
+        return o.alert
+
+    def restore(self, alerts: Iterable[Alert], now: float) -> None:
+        """Re-open alerts loaded from storage so acks and snoozes survive a restart."""
+        for a in alerts:
+            if not a.is_open or a.id in self._open:
+                continue
+            hits = {g: a.last_ts for g in a.gpus}
+            self._open[a.id] = _Open(a, hits, set(), now)
+            self._by_group[(a.host, a.kind)] = a.id
+
+    # ------------------------------------------------------------------ the tick
+
+    def update(self, now: float, seen: Mapping[tuple[str, int], float], findings: Iterable[Finding]) -> list[AlertChange]:
+        """One tick: ``seen`` maps (host, gpu) -> newest sample ts processed; ``findings`` per sample.
+
+        Findings must be in sample order per GPU. Every GPU in ``seen`` without a
+        finding for a tracked detector counts as one healthy sample for it.
+        """
+        changes: list[AlertChange] = []
+        hit_keys: set[tuple[str, int, str]] = set()
+        for f in findings:
+            key = (f.host, f.gpu, f.detector)
+            hit_keys.add(key)
+            tr = self._push(key, f.ts, True)
+            tr.kinds[f.kind] += 1
+            # Hard to raise, easy to keep: once a GPU is in an open alert, any
+            # further finding extends it even if k-of-n is not met right now.
+            if self._triggered(key, tr) or self._by_gpu.get(key) in self._open:
+                first = next(ts for ts, bad in tr.window if bad)
+                changes.extend(self._apply(f, first, now))
+        for key in list(self._trackers):
+            if key in hit_keys:
+                continue
+            ts = seen.get((key[0], key[1]))
+            if ts is not None:
+                tr = self._push(key, ts, False)
+                if not any(bad for _, bad in tr.window):
+                    del self._trackers[key]
+        self._last_seen.update(seen)
+        changes.extend(self._expire(now))
+        for ch in changes:
+            {"raised": self.on_alert_raised, "updated": self.on_alert_updated,
+             "cleared": self.on_alert_cleared}[ch.change].emit(ch.alert)
+        return changes
+
+    # ------------------------------------------------------------------ internals
+
+    def _push(self, key: tuple[str, int, str], ts: float, bad: bool) -> _Tracker:
+        tr = self._trackers.get(key)
+        if tr is None:
+            n = self.policy.for_detector(key[2]).n
+            tr = self._trackers[key] = _Tracker(deque(maxlen=n))
+        tr.window.append((ts, bad))
+        return tr
+
+    def _triggered(self, key: tuple[str, int, str], tr: _Tracker) -> bool:
+        h = self.policy.for_detector(key[2])
+        return sum(1 for _, bad in tr.window if bad) >= h.k
+
+    def _apply(self, f: Finding, first_ts: float, now: float) -> list[AlertChange]:
+        gkey = (f.host, f.gpu, f.detector)
+        aid = self._by_gpu.get(gkey)
+        if aid is None or aid not in self._open:
+            # Group per host and kind; the model's kind for a GPU is fixed by the
+            # finding that first triggered, so a GPU is not counted twice.
+            aid = self._by_group.get((f.host, f.kind))
+        o = self._open.get(aid) if aid else None
+        if o is None:
+            alert = Alert(id=self._new_id(), host=f.host, kind=f.kind, severity=f.severity, source=f.source,
+                          state="active", first_ts=first_ts, raised_ts=now, last_ts=f.ts, message=f.message,
+                          score=f.score, count=1, gpu_first_ts=((f.gpu, first_ts),))
+            self._open[alert.id] = _Open(alert, {f.gpu: f.ts}, {f.detector}, now)
+            self._by_group[(f.host, f.kind)] = alert.id
+            self._by_gpu[gkey] = alert.id
+            return [AlertChange("raised", alert, (f.gpu,))]
+        a = o.alert
+        self._by_gpu[gkey] = a.id
+        o.detectors.add(f.detector)
+        joined = f.gpu not in o.gpu_last_hit
+        o.gpu_last_hit[f.gpu] = f.ts
+        escalated = SEVERITY_RANK[f.severity] > SEVERITY_RANK[a.severity]
+        state: AlertState = a.state
+        if escalated and state != "active":
+            state = "active"  # a worse fault deserves attention again even if acknowledged
+        o.alert = replace(
+            a, last_ts=max(a.last_ts, f.ts), count=a.count + 1, score=max(a.score, f.score),
+            severity=f.severity if escalated else a.severity, state=state,
+            message=f.message if (escalated or f.score > a.score) else a.message,
+            gpu_first_ts=a.gpu_first_ts + ((f.gpu, first_ts),) if joined else a.gpu_first_ts,
+        )
+        if joined or escalated or now - o.last_emit >= self.policy.refresh_s:
+            o.last_emit = now
+            return [AlertChange("updated", o.alert, (f.gpu,) if joined else ())]
+        return []
+
+    def _expire(self, now: float) -> list[AlertChange]:
+        out: list[AlertChange] = []
+        for aid, o in list(self._open.items()):
+            a = o.alert
+            if a.state == "snoozed" and a.snoozed_until is not None and now >= a.snoozed_until:
+                o.alert = a = replace(a, state="active", snoozed_until=None)
+                out.append(AlertChange("updated", a))
+            quiet = max((self.policy.for_detector(d).quiet_s for d in o.detectors), default=self.policy.default.quiet_s)
+            # Clear only when every GPU has been *seen* healthy for the quiet period.
+            if all(self._last_seen.get((a.host, g), -1e300) - last >= quiet for g, last in o.gpu_last_hit.items()):
+                o.alert = a = replace(a, state="cleared", cleared_ts=now)
+                del self._open[aid]
+                if self._by_group.get((a.host, a.kind)) == aid:
+                    del self._by_group[(a.host, a.kind)]
+                for k in [k for k, v in self._by_gpu.items() if v == aid]:
+                    del self._by_gpu[k]
+                out.append(AlertChange("cleared", a))
+        return out
+
+
+# ---------------------------------------------------------------------- persistence
+
+_COLS = ("id, host, gpus, gpu_first_ts, kind, severity, source, state, first_ts, raised_ts, last_ts, "
+         "cleared_ts, acked_ts, snoozed_until, score, sample_count, message, model_version")
+
+
+def _dt(ts: float | None) -> datetime | None:
+    return None if ts is None else datetime.fromtimestamp(ts, tz=UTC)
+
+
+def _ts(dt: datetime | None) -> float | None:
+    return None if dt is None else dt.timestamp()
+
+
+def alert_row(a: Alert, model_version: str | None = None) -> tuple[object, ...]:
+    """The SQL parameters for one alert, in ``_COLS`` order (pure; unit-tested)."""
+    return (a.id, a.host, list(a.gpus), [_dt(t) for _, t in a.gpu_first_ts], a.kind, a.severity, a.source,
+            a.state, _dt(a.first_ts), _dt(a.raised_ts), _dt(a.last_ts), _dt(a.cleared_ts), _dt(a.acked_ts),
+            _dt(a.snoozed_until), a.score, a.count, a.message, model_version)
+
+
+def alert_from_row(r: Sequence[Any]) -> Alert:
+    gpu_ts = tuple((int(g), float(_ts(t) or 0.0)) for g, t in zip(r[2], r[3], strict=True))
+    return Alert(id=str(r[0]), host=r[1], gpu_first_ts=gpu_ts, kind=r[4], severity=r[5], source=r[6],
+                 state=r[7], first_ts=float(_ts(r[8]) or 0.0), raised_ts=float(_ts(r[9]) or 0.0),
+                 last_ts=float(_ts(r[10]) or 0.0), cleared_ts=_ts(r[11]), acked_ts=_ts(r[12]),
+                 snoozed_until=_ts(r[13]), score=float(r[14]), count=int(r[15]), message=r[16])
+
+
+class AlertRepository:
+    """Alerts in PostgreSQL (table from migration 010_alerts.sql); every method uses the pool."""
+
+    def __init__(self, pool: AsyncConnectionPool) -> None:
+        self.pool = pool
+
+    async def save_many(self, alerts: Sequence[Alert], model_version: str | None = None) -> None:
+        if not alerts:
+            return
+        placeholders = ", ".join(["%s"] * len(_COLS.split(",")))
+        updates = ", ".join(f"{c.strip()} = EXCLUDED.{c.strip()}" for c in _COLS.split(",")[1:]
+                            if c.strip() != "model_version")
+        sql = (f"INSERT INTO alerts ({_COLS}) VALUES ({placeholders}) ON CONFLICT (id) DO UPDATE SET "
+               f"{updates}, updated_at = now()")
+        async with self.pool.connection() as conn, conn.cursor() as cur:
+            await cur.executemany(sql, [alert_row(a, model_version) for a in alerts])
+
+    async def save(self, alert: Alert, model_version: str | None = None) -> None:
+        await self.save_many([alert], model_version)
+
+    async def load_open(self) -> list[Alert]:
+        return await self.recent(open_only=True, limit=10_000)
+
+    async def recent(self, *, since: float | None = None, host: str | None = None,
+                     state: AlertState | None = None, open_only: bool = False, limit: int = 500) -> list[Alert]:
+        where: list[str] = []
+        params: list[object] = []
+        if since is not None:
+            where.append("last_ts >= %s")
+            params.append(_dt(since))
+        if host is not None:
+            where.append("host = %s")
+            params.append(host)
+        if state is not None:
+            where.append("state = %s")
+            params.append(state)
+        if open_only:
+            where.append("state <> 'cleared'")
+        sql = f"SELECT {_COLS} FROM alerts"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY first_ts DESC LIMIT %s"
+        params.append(limit)
+        async with self.pool.connection() as conn, conn.cursor() as cur:
+            await cur.execute(sql, params)
+            rows = await cur.fetchall()
+        return [alert_from_row(r) for r in rows]
+
+    async def save_model_info(self, info: Mapping[str, Any]) -> None:
+        """Record an anomaly-model version (its sidecar JSON) so every station sees its history."""
+        from psycopg.types.json import Jsonb
+
+        async with self.pool.connection() as conn:
+            await conn.execute(
+                "INSERT INTO anomaly_models (version, origin, train_from, train_to, n_samples, info) "
+                "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (version) DO UPDATE SET info = EXCLUDED.info",
+                (info["version"], info.get("origin", "bootstrap"), _dt(info.get("train_from")),
+                 _dt(info.get("train_to")), int(info.get("n_samples", 0)), Jsonb(dict(info))))
+
+
+class AlertWriter:
+    """Write-behind persistence: the tick never awaits the database.
+
+    Snapshots are coalesced per alert id (the newest wins), so a burst of
+    updates costs one row write, and writes stay ordered per alert. A failed
+    write is logged and retried with backoff; nothing is dropped while the
+    database is down.
+    """
+
+    def __init__(self, repo: AlertRepository, manager: AlertManager, model_version: Callable[[], str | None]
+                 = lambda: None) -> None:
+        self.repo = repo
+        self._model_version = model_version
+        self._pending: dict[str, Alert] = {}
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        for cb in (manager.on_alert_raised, manager.on_alert_updated, manager.on_alert_cleared):
+            cb.connect(self._enqueue)
+
+    def _enqueue(self, alert: Alert) -> None:
+        self._pending[alert.id] = alert
+        self._idle.clear()
+        self._wake.set()
+
+    async def run(self) -> None:
+        backoff = 0.5
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            batch, self._pending = self._pending, {}
+            try:
+                await self.repo.save_many(list(batch.values()), self._model_version())
+                backoff = 0.5
+            except Exception as exc:  # noqa: BLE001 - any database failure: keep the alerts, retry
+                log.warning("saving %d alerts failed (%s); retrying in %.1f s", len(batch), exc, backoff)
+                for aid, a in batch.items():
+                    self._pending.setdefault(aid, a)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 30.0)
+                self._wake.set()
+                continue
+            if not self._pending:
+                self._idle.set()
+
+    async def flush(self) -> None:
+        """Wait until everything queued so far is stored (``run`` must be running)."""
+        await self._idle.wait()

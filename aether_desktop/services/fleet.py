@@ -1,0 +1,495 @@
+"""Live fleet model: latest values, 1-second ring history and host liveness (numpy, no Qt).
+
+The bus hands every decoded telemetry message to ``FleetState.ingest``; the UI
+reads arrays from it at frame rate. Everything is keyed by slot row: a GPU
+``(host, index)`` gets a row the first time it is seen and keeps it, so views
+can hold row numbers and index arrays with them.
+
+Clock: ``received_at`` and every ``now`` argument are wall-clock epoch seconds
+(``time.time()``), the same clock as the messages' ``ts``, because the ring is
+placed by sample time and the views align it to ``now``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from aether_protocol.messages import Telemetry
+
+Key = tuple[str, int]
+
+# Metrics kept per second for the last ``history_s`` seconds (row order of the ring).
+RING_METRICS: tuple[str, ...] = (
+    "temp_c",
+    "mem_used_mib",
+    "mem_total_mib",
+    "util_pct",
+    "power_w",
+    "power_limit_w",
+)
+# Latest value per slot: the ring metrics first (same order), then the rest.
+LATEST_FIELDS: tuple[str, ...] = RING_METRICS + (
+    "mem_util_pct",
+    "sm_clock_mhz",
+    "mem_clock_mhz",
+    "fan_pct",
+    "energy_j",
+    "slowdown_temp_c",
+    "ecc_dbe",
+    "xid",
+    "n_procs",
+)
+# Computed on read from ring metrics.
+DERIVED_METRICS: tuple[str, ...] = ("mem_pct",)
+
+STATE_OK, STATE_SLEEPING, STATE_LOST, STATE_OFFLINE = 0, 1, 2, 3
+STATE_NAMES: tuple[str, ...] = ("ok", "sleeping", "lost", "offline")
+_STATE_CODE = {"ok": STATE_OK, "sleeping": STATE_SLEEPING, "lost": STATE_LOST}
+
+_RING_INDEX = {m: i for i, m in enumerate(RING_METRICS)}
+_LATEST_INDEX = {m: i for i, m in enumerate(LATEST_FIELDS)}
+_NAN = np.float32(np.nan)
+
+
+@dataclass(slots=True)
+class HostInfo:
+    """What the station knows about one agent (mutable; owned by FleetState)."""
+
+    host: str
+    row: int  # index into the per-host arrays
+    boot: str = ""
+    last_seq: int = -1
+    last_ts: float = -math.inf  # newest sample time seen (sender's clock)
+    last_seen: float = -math.inf  # newest arrival (station's clock)
+    interval_s: float = 1.0
+    state: str = "active"
+    gpu_count: int = 0
+    messages: int = 0
+    samples: int = 0
+    seq_gaps: int = 0  # sequence numbers skipped and not (yet) filled by a replay
+    replayed: int = 0  # messages older than the newest one seen (agent buffer replays)
+    restarts: int = 0  # boot id changes
+
+
+@dataclass(frozen=True, slots=True)
+class GpuRow:
+    """A snapshot of one GPU for consumers that want objects (scheduler, dialogs), not arrays."""
+
+    key: Key
+    row: int
+    uuid: str
+    name: str
+    state: str  # "ok" | "sleeping" | "lost" | "offline"
+    throttle: tuple[str, ...]
+    values: dict[str, float | None]
+
+
+class FleetState:
+    """Latest values, per-second ring history and host liveness for every GPU seen."""
+
+    def __init__(
+        self,
+        history_s: int = 600,
+        capacity: int = 64,
+        max_gpus: int = 65536,
+        offline_intervals: float = 3.0,
+        rate_window_s: int = 5,
+        skew_tolerance_s: float = 5.0,
+    ) -> None:
+        if history_s < 2:
+            raise ValueError("history_s must be at least 2")
+        self.history_s = int(history_s)
+        self.max_gpus = int(max_gpus)
+        self.offline_intervals = float(offline_intervals)
+        self.rate_window_s = max(1, int(rate_window_s))
+        self.skew_tolerance_s = float(skew_tolerance_s)
+        self.version = 0
+
+        cap = max(1, min(int(capacity), self.max_gpus))
+        self._cap = cap
+        self._n = 0
+        self._index: dict[Key, int] = {}
+        self._keys: list[Key] = []
+        self._names: list[str] = []
+        self._uuids: list[str] = []
+        self._throttle: list[tuple[str, ...]] = []
+        self._ring = np.full((len(RING_METRICS), cap, self.history_s), np.nan, dtype=np.float32)
+        self._latest = np.full((cap, len(LATEST_FIELDS)), np.nan, dtype=np.float32)
+        self._state = np.zeros(cap, dtype=np.int8)
+        self._slot_ts = np.full(cap, -np.inf, dtype=np.float64)
+        self._slot_host = np.zeros(cap, dtype=np.int32)
+        self._head_sec = -1  # newest second held by the ring; -1 = empty
+
+        self._hosts: dict[str, HostInfo] = {}
+        self._host_list: list[HostInfo] = []
+        self._host_seen = np.full(8, -np.inf, dtype=np.float64)
+        self._host_interval = np.ones(8, dtype=np.float64)
+        self._online_snapshot = np.zeros(0, dtype=bool)
+
+        # Rate meter: one bucket per arrival second, a few more than the window.
+        nb = self.rate_window_s + 2
+        self._rb_sec = [-1] * nb
+        self._rb_msgs = [0] * nb
+        self._rb_samples = [0] * nb
+
+        self.messages_total = 0
+        self.samples_total = 0
+        self.dropped_gpus = 0  # samples of GPUs beyond max_gpus
+        self.too_old = 0  # samples older than the ring window (kept out of history)
+        self.rejected: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ ingest
+
+    def ingest(self, msg: Telemetry, received_at: float) -> None:
+        """Take one host's telemetry message. Hot path: one numpy write per array per message."""
+        host = msg.host
+        info = self._hosts.get(host)
+        if info is None:
+            info = self._add_host(host)
+        ts = float(msg.ts)
+        # A host whose clock runs far ahead must not push the shared ring forward
+        # and wipe everyone's history; place its samples at arrival time instead.
+        place_ts = ts if ts <= received_at + self.skew_tolerance_s else received_at
+
+        # Names and throttle reasons come from the newest message only; a replay
+        # from an agent's buffer must not bring back an old value.
+        fresh = ts >= info.last_ts
+        index = self._index
+        rows: list[int] = []
+        vals: list[tuple[object, ...]] = []
+        states: list[int] = []
+        names = self._names
+        uuids = self._uuids
+        throttle = self._throttle
+        for g in msg.gpus:
+            r = index.get((host, g.index))
+            if r is None:
+                r = self._add_slot((host, g.index), info.row)
+                if r < 0:
+                    continue
+            rows.append(r)
+            procs = g.processes
+            vals.append(
+                (
+                    g.temp_c,
+                    g.mem_used_mib,
+                    g.mem_total_mib,
+                    g.util_pct,
+                    g.power_w,
+                    g.power_limit_w,
+                    g.mem_util_pct,
+                    g.sm_clock_mhz,
+                    g.mem_clock_mhz,
+                    g.fan_pct,
+                    g.energy_j,
+                    g.slowdown_temp_c,
+                    g.ecc_dbe,
+                    g.xid,
+                    None if procs is None else len(procs),
+                )
+            )
+            states.append(_STATE_CODE[g.state])
+            if fresh or not names[r]:
+                names[r] = g.name
+                uuids[r] = g.uuid
+                throttle[r] = tuple(g.throttle) if g.throttle else ()
+
+        n = len(rows)
+        if n:
+            # np.array turns None into NaN for float dtypes: no per-value branch needed.
+            arr = np.array(vals, dtype=np.float32)
+            r0 = rows[0]
+            # A host's GPUs are usually adjacent rows (added together): slices are
+            # several times cheaper than fancy indexing on this hot path.
+            sel: slice | np.ndarray
+            sel = slice(r0, r0 + n) if rows[-1] - r0 == n - 1 and rows == list(range(r0, r0 + n)) else np.array(rows)
+            col = self._ring_column(math.floor(place_ts))
+            if col >= 0:
+                self._ring[:, sel, col] = arr[:, : len(RING_METRICS)].T
+            else:
+                self.too_old += n
+            slot_ts = self._slot_ts[sel]
+            if fresh and slot_ts.max() <= ts:
+                self._latest[sel] = arr
+                self._state[sel] = states
+                self._slot_ts[sel] = ts
+            else:
+                # Replayed samples fill the ring at their own time but never
+                # replace a newer "latest" value.
+                newer = slot_ts <= ts
+                if newer.any():
+                    ridx = np.arange(r0, r0 + n) if isinstance(sel, slice) else sel
+                    upd = ridx[newer]
+                    self._latest[upd] = arr[newer]
+                    self._state[upd] = np.asarray(states, dtype=np.int8)[newer]
+                    self._slot_ts[upd] = ts
+
+        self._update_host(info, msg, ts, received_at, n)
+        self._count_rate(received_at, n)
+        self.version += 1
+
+    def note_rejected(self, reason: str, count: int = 1) -> None:
+        """Count a message the bus could not decode (shown in the status bar)."""
+        self.rejected[reason] = self.rejected.get(reason, 0) + count
+        self.version += 1
+
+    @property
+    def rejected_total(self) -> int:
+        return sum(self.rejected.values())
+
+    def _update_host(self, info: HostInfo, msg: Telemetry, ts: float, received_at: float, n: int) -> None:
+        info.messages += 1
+        info.samples += n
+        if received_at > info.last_seen:
+            info.last_seen = received_at
+            self._host_seen[info.row] = received_at
+        if msg.boot != info.boot:
+            if ts >= info.last_ts:
+                # A new boot restarts the sequence; the old boot's gaps are history.
+                if info.boot:
+                    info.restarts += 1
+                info.boot = msg.boot
+                info.last_seq = msg.seq
+            else:
+                info.replayed += 1
+        elif msg.seq > info.last_seq:
+            info.seq_gaps += msg.seq - info.last_seq - 1
+            info.last_seq = msg.seq
+        else:
+            # An older seq from this boot: a replay that fills one earlier gap.
+            info.replayed += 1
+            if info.seq_gaps > 0:
+                info.seq_gaps -= 1
+        if ts >= info.last_ts:
+            info.last_ts = ts
+            info.state = msg.state
+            info.gpu_count = len(msg.gpus)
+            if msg.interval_s:
+                info.interval_s = float(msg.interval_s)
+                self._host_interval[info.row] = info.interval_s
+
+    def _count_rate(self, received_at: float, n: int) -> None:
+        sec = int(received_at)
+        i = sec % len(self._rb_sec)
+        if self._rb_sec[i] != sec:
+            self._rb_sec[i] = sec
+            self._rb_msgs[i] = 0
+            self._rb_samples[i] = 0
+        self._rb_msgs[i] += 1
+        self._rb_samples[i] += n
+        self.messages_total += 1
+        self.samples_total += n
+
+    def _ring_column(self, sec: int) -> int:
+        """Ring column for second ``sec``, advancing (and clearing) the ring if it is newer; -1 if too old."""
+        h = self.history_s
+        head = self._head_sec
+        if sec > head:
+            if head < 0 or sec - head >= h:
+                self._ring.fill(np.nan)
+            else:
+                cols = np.arange(head + 1, sec + 1) % h
+                self._ring[:, :, cols] = _NAN
+            self._head_sec = sec
+        elif sec <= head - h:
+            return -1
+        return sec % h
+
+    def _add_host(self, host: str) -> HostInfo:
+        row = len(self._host_list)
+        if row >= len(self._host_seen):
+            self._host_seen = _grow(self._host_seen, 2 * row, -np.inf)
+            self._host_interval = _grow(self._host_interval, 2 * row, 1.0)
+        info = HostInfo(host=host, row=row)
+        self._hosts[host] = info
+        self._host_list.append(info)
+        return info
+
+    def _add_slot(self, key: Key, host_row: int) -> int:
+        if self._n >= self.max_gpus:
+            self.dropped_gpus += 1
+            return -1
+        if self._n >= self._cap:
+            self._grow_slots(min(self._cap * 2, self.max_gpus))
+        r = self._n
+        self._n += 1
+        self._index[key] = r
+        self._keys.append(key)
+        self._names.append("")
+        self._uuids.append("")
+        self._throttle.append(())
+        self._slot_host[r] = host_row
+        return r
+
+    def _grow_slots(self, cap: int) -> None:
+        ring = np.full((len(RING_METRICS), cap, self.history_s), np.nan, dtype=np.float32)
+        ring[:, : self._cap] = self._ring
+        self._ring = ring
+        self._latest = _grow(self._latest, cap, np.nan)
+        self._state = _grow(self._state, cap, 0)
+        self._slot_ts = _grow(self._slot_ts, cap, -np.inf)
+        self._slot_host = _grow(self._slot_host, cap, 0)
+        self._cap = cap
+
+    # ------------------------------------------------------------------ slots
+
+    @property
+    def n_slots(self) -> int:
+        return self._n
+
+    def keys(self) -> list[Key]:
+        """All GPU keys in row order (a copy)."""
+        return list(self._keys)
+
+    def row_of(self, key: Key) -> int | None:
+        return self._index.get(key)
+
+    def names(self) -> list[str]:
+        """Model name per row (a copy)."""
+        return list(self._names)
+
+    def uuid(self, row: int) -> str:
+        return self._uuids[row]
+
+    def throttle(self, row: int) -> tuple[str, ...]:
+        return self._throttle[row]
+
+    def latest(self, field: str) -> np.ndarray:
+        """Latest value of ``field`` per row (read-only view, NaN = not reported)."""
+        view = self._latest[: self._n, _LATEST_INDEX[field]]
+        view.flags.writeable = False
+        return view
+
+    def gpu_states(self) -> np.ndarray:
+        """Reported state code per row (STATE_OK / STATE_SLEEPING / STATE_LOST), a copy."""
+        return self._state[: self._n].copy()
+
+    def display_states(self, now: float) -> np.ndarray:
+        """State code per row with STATE_OFFLINE where the host stopped reporting."""
+        states = self._state[: self._n].copy()
+        states[~self.online_mask(now)] = STATE_OFFLINE
+        return states
+
+    def rows(self, now: float) -> list[GpuRow]:
+        """One snapshot object per GPU; for callers that are not on a per-frame path."""
+        states = self.display_states(now)
+        latest = self._latest[: self._n]
+        out = []
+        for r, key in enumerate(self._keys):
+            vals = {f: (None if math.isnan(v) else float(v)) for f, v in zip(LATEST_FIELDS, latest[r].tolist(), strict=True)}
+            out.append(
+                GpuRow(
+                    key=key,
+                    row=r,
+                    uuid=self._uuids[r],
+                    name=self._names[r],
+                    state=STATE_NAMES[states[r]],
+                    throttle=self._throttle[r],
+                    values=vals,
+                )
+            )
+        return out
+
+    # ------------------------------------------------------------------ hosts
+
+    def host(self, host: str) -> HostInfo | None:
+        return self._hosts.get(host)
+
+    def hosts(self) -> list[HostInfo]:
+        return list(self._host_list)
+
+    @property
+    def n_hosts(self) -> int:
+        return len(self._host_list)
+
+    def host_online(self, host: str, now: float) -> bool:
+        """False once the host sent nothing for ``offline_intervals`` × its interval."""
+        info = self._hosts.get(host)
+        if info is None:
+            return False
+        return now - info.last_seen <= self.offline_intervals * info.interval_s
+
+    def _hosts_online_mask(self, now: float) -> np.ndarray:
+        nh = len(self._host_list)
+        return (now - self._host_seen[:nh]) <= self.offline_intervals * self._host_interval[:nh]
+
+    def hosts_online(self, now: float) -> int:
+        return int(np.count_nonzero(self._hosts_online_mask(now)))
+
+    def online_mask(self, now: float) -> np.ndarray:
+        """Per row: is the GPU's host still reporting?"""
+        return self._hosts_online_mask(now)[self._slot_host[: self._n]]
+
+    def poll(self, now: float) -> bool:
+        """Bump ``version`` when a host went offline or came back; liveness is time-driven."""
+        mask = self._hosts_online_mask(now)
+        if mask.shape == self._online_snapshot.shape and np.array_equal(mask, self._online_snapshot):
+            return False
+        self._online_snapshot = mask
+        self.version += 1
+        return True
+
+    # ------------------------------------------------------------------ history
+
+    def time_axis(self, now: float) -> np.ndarray:
+        """Epoch second of each column of ``matrix(..., now)``."""
+        end = math.floor(now)
+        return np.arange(end - self.history_s + 1, end + 1, dtype=np.float64)
+
+    def matrix(self, metric: str, now: float, rows: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+        """History of ``metric``, shape (rows, history_s), last column = second of ``now``; NaN = no data."""
+        if metric in DERIVED_METRICS:
+            used = self.matrix("mem_used_mib", now, rows)
+            total = self.matrix("mem_total_mib", now, rows)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                pct = 100.0 * used / total
+            pct[~np.isfinite(pct)] = np.nan
+            return pct
+        m = _RING_INDEX[metric]
+        h = self.history_s
+        src = self._ring[m, : self._n] if rows is None else self._ring[m, np.asarray(rows, dtype=np.intp)]
+        end = math.floor(now)
+        start = end - h + 1
+        s = start % h
+        out = np.concatenate((src[:, s:], src[:, :s]), axis=1)
+        head = self._head_sec
+        lo = max(start, head - h + 1)
+        hi = min(end, head)
+        if head < 0 or hi < lo:
+            out[:] = np.nan
+        else:
+            out[:, : lo - start] = np.nan
+            out[:, hi - start + 1 :] = np.nan
+        return out
+
+    def series(self, key: Key, metric: str, now: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(epoch seconds, values) of one GPU over the ring window ending at ``now`` (default: newest data)."""
+        r = self._index.get(key)
+        t_end = float(self._head_sec) if now is None else now
+        ts = self.time_axis(t_end)
+        if r is None:
+            return ts, np.full(self.history_s, np.nan, dtype=np.float32)
+        return ts, self.matrix(metric, t_end, [r])[0]
+
+    # ------------------------------------------------------------------ rates
+
+    def rates(self, now: float) -> tuple[float, float]:
+        """(messages/s, GPU samples/s) over the last ``rate_window_s`` whole seconds before ``now``."""
+        cur = int(now)
+        lo = cur - self.rate_window_s
+        msgs = samples = 0
+        for sec, m, s in zip(self._rb_sec, self._rb_msgs, self._rb_samples, strict=True):
+            if lo <= sec < cur:
+                msgs += m
+                samples += s
+        return msgs / self.rate_window_s, samples / self.rate_window_s
+
+
+def _grow(arr: np.ndarray, n: int, fill: float) -> np.ndarray:
+    out = np.full((n, *arr.shape[1:]), fill, dtype=arr.dtype)
+    out[: len(arr)] = arr
+    return out

@@ -1,0 +1,197 @@
+"""Fleet heatmap: every GPU × the last minutes, one ImageItem, one metric at a time.
+
+One ImageItem for the whole fleet costs a single texture upload per frame
+(≈7 ms at 256 GPUs × 3,600 s) where one curve per GPU would cost tens of ms.
+Rows are ordered by host then GPU index; missing data (NaN) is transparent.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import pyqtgraph as pg
+from PySide6.QtCore import QPointF, QRectF, Signal
+from PySide6.QtGui import QShowEvent
+from PySide6.QtWidgets import QComboBox, QHBoxLayout, QLabel, QVBoxLayout, QWidget
+
+from aether_desktop.widgets import theme
+from aether_desktop.widgets.state import Key, QtState
+
+# label, FleetState metric, unit, fixed colour levels (None = from the fleet's power limits)
+HEATMAP_METRICS: tuple[tuple[str, str, str, tuple[float, float] | None], ...] = (
+    ("Temperature", "temp_c", "°C", (20.0, 95.0)),
+    ("Memory used", "mem_pct", "%", (0.0, 100.0)),
+    ("Utilisation", "util_pct", "%", (0.0, 100.0)),
+    ("Power", "power_w", "W", None),
+)
+MAX_ROW_LABELS = 40  # beyond this, labels only at host boundaries, thinned
+
+
+class FleetHeatmap(QWidget):
+    """GPUs (rows) × time (columns) for one selectable metric; click a row to select that GPU."""
+
+    gpu_clicked = Signal(object)  # Key
+
+    def __init__(self, state: QtState, window_s: int | None = None, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self._state = state
+        self._fleet = state.fleet
+        self.window_s = min(window_s or self._fleet.history_s, self._fleet.history_s)
+        self._order = np.zeros(0, dtype=np.intp)  # display row -> slot row
+        self._keys: list[Key] = []
+        self._image = np.zeros((0, self.window_s), dtype=np.float32)
+        self._t_end = 0.0
+        self._dirty = True
+
+        self.metric_combo = QComboBox()
+        for label, _metric, unit, _levels in HEATMAP_METRICS:
+            self.metric_combo.addItem(f"{label} ({unit})")
+        self.readout = QLabel(" ")
+        self.readout.setStyleSheet(f"color: {theme.MUTED};")
+
+        self.plot = pg.PlotWidget(background=theme.PLOT_BG)
+        self.plot.setMenuEnabled(False)
+        self.plot.setMouseEnabled(x=False, y=True)
+        self.plot.invertY(True)
+        self.plot.hideButtons()
+        pi = self.plot.getPlotItem()
+        pi.setLabel("bottom", "seconds before now")
+        left = pi.getAxis("left")
+        left.setWidth(96)
+        self.image_item = pg.ImageItem(axisOrder="row-major")
+        self.plot.addItem(self.image_item)
+        self.color_bar = pg.ColorBarItem(
+            values=(20.0, 95.0), colorMap=theme.HEATMAP_COLORMAPS["temp_c"], interactive=False, width=14
+        )
+        self.color_bar.setImageItem(self.image_item, insert_in=pi)
+
+        top = QHBoxLayout()
+        top.addWidget(QLabel("Metric"))
+        top.addWidget(self.metric_combo)
+        top.addStretch(1)
+        top.addWidget(self.readout)
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addLayout(top)
+        layout.addWidget(self.plot)
+
+        self.metric_combo.currentIndexChanged.connect(self._on_metric_changed)
+        self.plot.scene().sigMouseMoved.connect(self._on_mouse_moved)
+        self.plot.scene().sigMouseClicked.connect(self._on_mouse_clicked)
+        state.fleet_tick.connect(self._on_fleet_tick)
+
+    # ------------------------------------------------------------------ public
+
+    @property
+    def metric(self) -> str:
+        return HEATMAP_METRICS[self.metric_combo.currentIndex()][1]
+
+    def set_metric(self, metric: str) -> None:
+        for i, m in enumerate(HEATMAP_METRICS):
+            if m[1] == metric:
+                self.metric_combo.setCurrentIndex(i)
+                return
+        raise ValueError(f"unknown heatmap metric {metric!r}")
+
+    @property
+    def image(self) -> np.ndarray:
+        """What is drawn: shape (GPUs, window_s), rows ordered by host then GPU."""
+        return self._image
+
+    @property
+    def row_keys(self) -> list[Key]:
+        return list(self._keys)
+
+    def refresh(self) -> None:
+        """Redraw now (the fleet tick does this while visible)."""
+        self._dirty = False
+        now = self._state.now()
+        self._t_end = math.floor(now)
+        n = self._fleet.n_slots
+        if n != len(self._order):
+            self._reorder()
+        full = self._fleet.matrix(self.metric, now)
+        self._image = full[self._order, -self.window_s :] if n else np.zeros((0, self.window_s), np.float32)
+        w = self.window_s
+        if n:
+            self.image_item.setImage(self._image, autoLevels=False, levels=self._levels())
+            self.image_item.setRect(QRectF(-w, 0, w, n))
+        else:
+            self.image_item.clear()
+        self.color_bar.setLevels(self._levels())
+        self.plot.setXRange(-w, 0, padding=0)
+
+    # ------------------------------------------------------------------ internals
+
+    def _levels(self) -> tuple[float, float]:
+        levels = HEATMAP_METRICS[self.metric_combo.currentIndex()][3]
+        if levels is not None:
+            return levels
+        limits = self._fleet.latest("power_limit_w")
+        top = float(np.nanmax(limits)) if len(limits) and np.isfinite(limits).any() else 700.0
+        return (0.0, top)
+
+    def _reorder(self) -> None:
+        keys = self._fleet.keys()
+        self._order = np.array(sorted(range(len(keys)), key=keys.__getitem__), dtype=np.intp)
+        self._keys = [keys[r] for r in self._order]
+        n = len(self._keys)
+        ticks: list[tuple[float, str]] = []
+        if n <= MAX_ROW_LABELS:
+            ticks = [(i + 0.5, f"{h}/{g}") for i, (h, g) in enumerate(self._keys)]
+        else:
+            starts = [i for i, k in enumerate(self._keys) if i == 0 or k[0] != self._keys[i - 1][0]]
+            step = max(1, math.ceil(len(starts) / MAX_ROW_LABELS))
+            ticks = [(i + 0.5, self._keys[i][0]) for i in starts[::step]]
+        self.plot.getPlotItem().getAxis("left").setTicks([ticks, []])
+        self.plot.setYRange(0, max(n, 1), padding=0)
+
+    def _cell_at(self, scene_pos: QPointF) -> tuple[int, int] | None:
+        if not len(self._keys):
+            return None
+        p = self.plot.getPlotItem().getViewBox().mapSceneToView(scene_pos)
+        row = math.floor(p.y())
+        col = math.floor(p.x()) + self.window_s
+        if 0 <= row < len(self._keys) and 0 <= col < self.window_s:
+            return row, col
+        return None
+
+    def _on_mouse_moved(self, scene_pos: QPointF) -> None:
+        cell = self._cell_at(scene_pos)
+        if cell is None:
+            self.readout.setText(" ")
+            self.plot.setToolTip("")
+            return
+        row, col = cell
+        host, gpu = self._keys[row]
+        label, _metric, unit, _ = HEATMAP_METRICS[self.metric_combo.currentIndex()]
+        v = float(self._image[row, col]) if row < len(self._image) else float("nan")
+        t = self._t_end - (self.window_s - 1 - col)
+        value = "no data" if math.isnan(v) else f"{v:.1f} {unit}"
+        text = f"{host} / GPU {gpu} · {time.strftime('%H:%M:%S', time.localtime(t))} · {label.lower()} {value}"
+        self.readout.setText(text)
+        self.plot.setToolTip(text)
+
+    def _on_mouse_clicked(self, event: object) -> None:
+        pos = event.scenePos()  # type: ignore[attr-defined]
+        cell = self._cell_at(pos)
+        if cell is not None:
+            self.gpu_clicked.emit(self._keys[cell[0]])
+
+    def _on_metric_changed(self, _index: int) -> None:
+        self.color_bar.setColorMap(pg.colormap.get(theme.HEATMAP_COLORMAPS[self.metric]))
+        self.refresh()
+
+    def _on_fleet_tick(self) -> None:
+        # Hidden (another tab in front): skip the texture upload, draw on show.
+        if self.isVisible():
+            self.refresh()
+        else:
+            self._dirty = True
+
+    def showEvent(self, event: QShowEvent) -> None:
+        super().showEvent(event)
+        if self._dirty:
+            self.refresh()

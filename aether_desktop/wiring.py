@@ -1,0 +1,14 @@
+"""Feature services plugged into the Station (alerts, jobs); shared by the window and --headless."""
+
+from __future__ import annotations
+
+import logging
+
+from aether_desktop.station import Station
+
+log = logging.getLogger("aether.wiring")
+
+
+def wire_services(station: Station) -> None:
+    """Attach optional services to the station. Each one registers its own listeners and DB hooks."""
+    return None

@@ -1,0 +1,181 @@
+"""Running real jobs on a GPU host: allowlisted argv, no shell, one log file per job.
+
+A job runs only if the agent was started with ``--allow-jobs`` and its
+``argv[0]`` is in the allowlist (an empty allowlist refuses everything). The
+argv is executed directly (``subprocess`` without a shell), so ``; rm -rf /``
+is just an argument. ``CUDA_VISIBLE_DEVICES`` is set to the job's GPUs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import signal
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aether_protocol import JobSpec
+from headless_agent.backend import BackendError, JobOutcome
+
+log = logging.getLogger("aether.agent.jobs")
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Variables a job may not override: they decide what the job can touch.
+_PROTECTED_ENV = frozenset({"CUDA_VISIBLE_DEVICES", "LD_PRELOAD", "LD_LIBRARY_PATH", "PATH"})
+_JOB_ID = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+
+
+@dataclass(frozen=True)
+class JobPolicy:
+    allow_jobs: bool = False
+    allowed_commands: tuple[str, ...] = ()
+    log_dir: Path = Path("/tmp/aether-jobs")
+    cancel_grace_s: float = 10.0
+
+
+def check_job(job: JobSpec, policy: JobPolicy, gpu_count: int) -> None:
+    """Raise BackendError with the reason a job must be refused (pure; unit-tested)."""
+    if not policy.allow_jobs:
+        raise BackendError("this agent does not run jobs (start it with --allow-jobs)")
+    if not _JOB_ID.match(job.id):
+        raise BackendError(f"invalid job id {job.id!r}")
+    cmd = job.argv[0]
+    allowed = policy.allowed_commands
+    if not allowed:
+        raise BackendError("the agent's allowlist is empty (--allow-cmd): no command may run")
+    if cmd not in allowed and os.path.basename(cmd) not in allowed:
+        raise BackendError(f"argv[0] {cmd!r} is not in the agent's allowed commands")
+    if os.path.basename(cmd) in allowed and cmd not in allowed and os.sep in cmd:
+        # "/tmp/evil/python" must not pass because "python" is allowed.
+        raise BackendError(f"argv[0] {cmd!r} is a path; only allowed command names or exact paths run")
+    if not job.gpus:
+        raise BackendError("a job needs at least one GPU")
+    bad = [g for g in job.gpus if g >= gpu_count]
+    if bad:
+        raise BackendError(f"no GPU with index {bad[0]} on this host (it has {gpu_count})")
+    for name in (job.env or {}):
+        if not _ENV_NAME.match(name):
+            raise BackendError(f"invalid environment variable name {name!r}")
+        if name in _PROTECTED_ENV:
+            raise BackendError(f"a job may not set {name}")
+    if job.cwd is not None and not Path(job.cwd).is_dir():
+        raise BackendError(f"working directory {job.cwd!r} does not exist on this host")
+
+
+def job_environment(job: JobSpec, base: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ if base is None else base)
+    env.update(job.env or {})
+    env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in job.gpus)
+    env["AETHER_JOB_ID"] = job.id
+    return env
+
+
+@dataclass
+class _Running:
+    job: JobSpec
+    proc: asyncio.subprocess.Process
+    log_path: Path
+    started: float
+    cancelled: bool = False
+    waiter: asyncio.Task[None] | None = field(default=None, repr=False)
+
+
+class ProcessJobRunner:
+    """Starts allowlisted jobs as child processes and reports how they end."""
+
+    def __init__(self, policy: JobPolicy, gpu_count: int) -> None:
+        self.policy = policy
+        self.gpu_count = gpu_count
+        self._running: dict[str, _Running] = {}
+        self._done: list[JobOutcome] = []
+
+    @property
+    def running(self) -> dict[str, _Running]:
+        return self._running
+
+    def busy_gpus(self) -> set[int]:
+        return {g for r in self._running.values() for g in r.job.gpus}
+
+    async def start(self, job: JobSpec) -> None:
+        check_job(job, self.policy, self.gpu_count)
+        if job.id in self._running:
+            raise BackendError(f"job {job.id} is already running")
+        self.policy.log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.policy.log_dir / f"{job.id}.log"
+        with open(log_path, "ab") as fh:
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    *job.argv,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=fh,
+                    stderr=asyncio.subprocess.STDOUT,
+                    env=job_environment(job),
+                    cwd=job.cwd,
+                    start_new_session=True,  # so cancel can signal the whole process group
+                )
+            except OSError as exc:
+                raise BackendError(f"could not start {job.argv[0]!r}: {exc.strerror or exc}") from exc
+        run = _Running(job=job, proc=proc, log_path=log_path, started=time.time())
+        run.waiter = asyncio.ensure_future(self._wait(run))
+        self._running[job.id] = run
+        log.info("job %s started: pid %d, gpus %s, log %s", job.id, proc.pid, list(job.gpus), log_path)
+
+    async def _wait(self, run: _Running) -> None:
+        code = await run.proc.wait()
+        self._running.pop(run.job.id, None)
+        if run.cancelled:
+            kind, detail = "job_cancelled", "cancelled by the operator"
+        elif code == 0:
+            kind, detail = "job_finished", None
+        else:
+            kind, detail = "job_failed", f"exit code {code}"
+        self._done.append(JobOutcome(run.job.id, tuple(run.job.gpus), kind, code, detail))
+
+    def poll(self) -> list[JobOutcome]:
+        done, self._done = self._done, []
+        return done
+
+    async def cancel(self, job_id: str) -> bool:
+        run = self._running.get(job_id)
+        if run is None:
+            return False
+        run.cancelled = True
+        self._signal(run, signal.SIGTERM)
+        asyncio.ensure_future(self._kill_later(run))
+        return True
+
+    async def _kill_later(self, run: _Running) -> None:
+        try:
+            await asyncio.wait_for(asyncio.shield(run.proc.wait()), self.policy.cancel_grace_s)
+        except TimeoutError:
+            log.warning("job %s ignored SIGTERM for %.0f s: killing it", run.job.id, self.policy.cancel_grace_s)
+            self._signal(run, signal.SIGKILL)
+
+    @staticmethod
+    def _signal(run: _Running, sig: signal.Signals) -> None:
+        try:
+            os.killpg(run.proc.pid, sig)
+        except ProcessLookupError:
+            return
+
+    def log_tail(self, job_id: str, max_bytes: int = 8192) -> str:
+        if not _JOB_ID.match(job_id):
+            raise BackendError(f"invalid job id {job_id!r}")
+        path = self.policy.log_dir / f"{job_id}.log"
+        if not path.exists():
+            raise BackendError(f"no log for job {job_id} on this host")
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            fh.seek(max(0, size - max(1, min(max_bytes, 256 * 1024))))
+            return fh.read().decode("utf-8", errors="replace")
+
+    async def stop_all(self) -> None:
+        for run in list(self._running.values()):
+            await self.cancel(run.job.id)
+        waiters: Sequence[asyncio.Task[None]] = [r.waiter for r in self._running.values() if r.waiter]
+        if waiters:
+            await asyncio.wait(waiters, timeout=self.policy.cancel_grace_s + 1)

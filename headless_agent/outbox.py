@@ -1,0 +1,110 @@
+"""At-least-once publishing with a bounded local buffer.
+
+Every telemetry message and event goes through the outbox. The sender
+publishes with a JetStream-style request (the ``Nats-Msg-Id`` header makes a
+re-send a duplicate the stream drops) and removes a message only once the
+server acknowledged it. While NATS is unreachable messages wait here, in
+order, with their original timestamps; when the buffer is full the oldest
+telemetry is dropped first (events are kept longer: they carry job outcomes).
+
+If no stream captures a subject ("no responders"), nobody stores it: the
+core publish already reached the live subscribers, so the message is done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+log = logging.getLogger("aether.agent.outbox")
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    subject: str
+    payload: bytes
+    msg_id: str
+    is_event: bool = False
+
+
+class PublishFailed(Exception):
+    """The server did not acknowledge: keep the message and retry later."""
+
+
+class NotCaptured(Exception):
+    """No stream captures this subject: the live publish was all there is to do."""
+
+
+PublishFn = Callable[[Outgoing], Awaitable[None]]
+
+
+class Outbox:
+    def __init__(self, max_messages: int = 20_000, max_events: int = 5_000) -> None:
+        self._telemetry: deque[Outgoing] = deque()
+        self._events: deque[Outgoing] = deque()
+        self.max_messages = max_messages
+        self.max_events = max_events
+        self.dropped = 0
+        self.sent = 0
+        self._wake = asyncio.Event()
+
+    def __len__(self) -> int:
+        return len(self._telemetry) + len(self._events)
+
+    def put(self, item: Outgoing) -> None:
+        q, cap = (self._events, self.max_events) if item.is_event else (self._telemetry, self.max_messages)
+        if len(q) >= cap:
+            q.popleft()
+            self.dropped += 1
+            if self.dropped == 1 or self.dropped % 1000 == 0:
+                log.warning("outbox full: dropped %d oldest message(s) so far", self.dropped)
+        q.append(item)
+        self._wake.set()
+
+    async def wait(self, timeout: float) -> None:
+        try:
+            await asyncio.wait_for(self._wake.wait(), timeout)
+        except TimeoutError:
+            return
+        finally:
+            self._wake.clear()
+
+    async def drain(self, publish: PublishFn, window: int = 64) -> bool:
+        """Send what is buffered, oldest first, ``window`` messages in flight at a time.
+
+        Returns False when the server stopped acknowledging (caller waits for a reconnect).
+        """
+        while True:
+            batch: list[tuple[deque[Outgoing], Outgoing]] = []
+            # Events first: they are rare and carry state changes the station needs.
+            for q in (self._events, self._telemetry):
+                for item in itertools.islice(q, window - len(batch)):
+                    batch.append((q, item))
+                if len(batch) >= window:
+                    break
+            if not batch:
+                return True
+            results = await asyncio.gather(*(self._send_one(publish, it) for _, it in batch))
+            for (q, item), ok in zip(batch, results, strict=True):
+                if ok:
+                    try:
+                        q.remove(item)
+                    except ValueError:
+                        # Dropped by put() while in flight: already gone.
+                        continue
+                    self.sent += 1
+            if not all(results):
+                return False
+
+    async def _send_one(self, publish: PublishFn, item: Outgoing) -> bool:
+        try:
+            await publish(item)
+        except NotCaptured:
+            return True
+        except PublishFailed:
+            return False
+        return True

@@ -1,0 +1,184 @@
+"""FleetState: ingest, ring alignment, replays, liveness, growth, rates (pure numpy, no Qt)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from aether_desktop.services.fleet import STATE_LOST, STATE_OFFLINE, STATE_OK, STATE_SLEEPING, FleetState
+from aether_protocol.messages import GpuSample, Telemetry
+
+T0 = 1_764_262_800.0
+
+
+def gpu(i: int, temp: float | None = 40.0, state: str = "ok", **kw: object) -> GpuSample:
+    fields: dict[str, object] = {
+        "temp_c": temp,
+        "mem_used_mib": 1000.0 + i,
+        "mem_total_mib": 80000.0,
+        "util_pct": 50.0,
+        "power_w": 200.0,
+        "power_limit_w": 700.0,
+    }
+    if state == "lost":
+        fields = {}
+    fields.update(kw)
+    return GpuSample(index=i, uuid=f"GPU-{i}", name="NVIDIA H100 80GB HBM3", state=state, **fields)  # type: ignore[arg-type]
+
+
+def tel(host: str, seq: int, ts: float, gpus: list[GpuSample], boot: str = "b1", interval: float = 1.0,
+        state: str = "active") -> Telemetry:
+    return Telemetry(v=1, host=host, boot=boot, seq=seq, ts=ts, state=state, gpus=gpus,  # type: ignore[arg-type]
+                     interval_s=interval)
+
+
+def test_ingest_creates_slots_and_latest() -> None:
+    f = FleetState(history_s=60)
+    f.ingest(tel("a", 0, T0, [gpu(0, 41.0), gpu(1, 42.0)]), T0)
+    f.ingest(tel("b", 0, T0, [gpu(0, 43.0)]), T0)
+    assert f.keys() == [("a", 0), ("a", 1), ("b", 0)]
+    assert f.row_of(("b", 0)) == 2
+    np.testing.assert_allclose(f.latest("temp_c"), [41.0, 42.0, 43.0])
+    assert f.names()[0] == "NVIDIA H100 80GB HBM3"
+    assert f.uuid(1) == "GPU-1"
+    assert f.n_hosts == 2 and f.version == 2
+    rows = f.rows(T0)
+    assert rows[2].key == ("b", 0) and rows[2].values["temp_c"] == 43.0 and rows[2].state == "ok"
+    assert rows[0].values["fan_pct"] is None
+
+
+def test_ring_alignment_last_column_is_now() -> None:
+    f = FleetState(history_s=10)
+    for k in range(5):
+        f.ingest(tel("a", k, T0 + k + 0.3, [gpu(0, 40.0 + k)]), T0 + k + 0.4)
+    m = f.matrix("temp_c", T0 + 4.9)
+    assert m.shape == (1, 10)
+    np.testing.assert_allclose(m[0, -5:], [40, 41, 42, 43, 44])
+    assert np.isnan(m[0, :-5]).all()
+    # Two seconds later without data: the curve shifts left, new columns are NaN.
+    m2 = f.matrix("temp_c", T0 + 6.0)
+    np.testing.assert_allclose(m2[0, -7:-2], [40, 41, 42, 43, 44])
+    assert np.isnan(m2[0, -2:]).all()
+    ts = f.time_axis(T0 + 6.0)
+    assert ts[-1] == math.floor(T0 + 6.0) and ts[-1] - ts[0] == 9
+    t, v = f.series(("a", 0), "temp_c", T0 + 4.0)
+    assert t[-1] == T0 + 4 and v[-1] == 44.0
+
+
+def test_ring_wraps_and_clears_old_columns() -> None:
+    f = FleetState(history_s=4)
+    for k in range(10):
+        f.ingest(tel("a", k, T0 + k, [gpu(0, float(k))]), T0 + k)
+    np.testing.assert_allclose(f.matrix("temp_c", T0 + 9)[0], [6, 7, 8, 9])
+    # A gap longer than the window: everything old is gone.
+    f.ingest(tel("a", 10, T0 + 30, [gpu(0, 99.0)]), T0 + 30)
+    m = f.matrix("temp_c", T0 + 30)[0]
+    assert m[-1] == 99.0 and np.isnan(m[:-1]).all()
+
+
+def test_replayed_samples_fill_ring_but_not_latest() -> None:
+    f = FleetState(history_s=60)
+    f.ingest(tel("a", 0, T0, [gpu(0, 40.0)]), T0)
+    f.ingest(tel("a", 10, T0 + 10, [gpu(0, 50.0)]), T0 + 10)
+    assert f.host("a").seq_gaps == 9  # type: ignore[union-attr]
+    # The agent replays its buffer: seq 5 at its original time, after seq 10.
+    f.ingest(tel("a", 5, T0 + 5, [gpu(0, 45.0, throttle=["hw_thermal"])]), T0 + 11)
+    assert f.latest("temp_c")[0] == 50.0
+    assert f.throttle(0) == ()
+    m = f.matrix("temp_c", T0 + 10)[0]
+    assert m[-6] == 45.0 and m[-1] == 50.0
+    info = f.host("a")
+    assert info is not None and info.replayed == 1 and info.seq_gaps == 8 and info.last_seq == 10
+    # Older than the window: counted, not stored, no crash.
+    f.ingest(tel("a", 1, T0 - 1000, [gpu(0, 1.0)]), T0 + 12)
+    assert f.too_old == 1 and f.latest("temp_c")[0] == 50.0
+
+
+def test_future_clock_does_not_wipe_history() -> None:
+    f = FleetState(history_s=60)
+    f.ingest(tel("a", 0, T0, [gpu(0, 40.0)]), T0)
+    f.ingest(tel("skewed", 0, T0 + 3600, [gpu(0, 70.0)]), T0 + 1)
+    m = f.matrix("temp_c", T0 + 1)
+    assert m[0, -2] == 40.0 and m[1, -1] == 70.0
+
+
+def test_offline_after_three_intervals() -> None:
+    f = FleetState()
+    f.ingest(tel("a", 0, T0, [gpu(0)], interval=2.0), T0)
+    f.ingest(tel("b", 0, T0, [gpu(0)], interval=1.0), T0)
+    assert f.host_online("a", T0 + 5.9) and f.host_online("a", T0 + 6.0)
+    assert not f.host_online("a", T0 + 6.1)
+    assert not f.host_online("b", T0 + 3.5)
+    assert not f.host_online("nope", T0)
+    assert f.hosts_online(T0 + 1) == 2 and f.hosts_online(T0 + 4) == 1
+    np.testing.assert_array_equal(f.display_states(T0 + 4), [STATE_OK, STATE_OFFLINE])
+    v = f.version
+    assert f.poll(T0 + 1) and f.version == v + 1
+    assert not f.poll(T0 + 1.5)
+    assert f.poll(T0 + 4) and f.version == v + 2
+
+
+def test_gpu_states_lost_is_nan_and_sleeping() -> None:
+    f = FleetState()
+    f.ingest(tel("a", 0, T0, [gpu(0), gpu(1, state="lost"), gpu(2, state="sleeping")]), T0)
+    np.testing.assert_array_equal(f.gpu_states(), [STATE_OK, STATE_LOST, STATE_SLEEPING])
+    assert np.isnan(f.latest("temp_c")[1]) and np.isnan(f.matrix("temp_c", T0)[1, -1])
+    assert f.rows(T0)[1].values["temp_c"] is None
+
+
+def test_growth_beyond_capacity_keeps_data() -> None:
+    f = FleetState(history_s=8, capacity=2, max_gpus=100)
+    for h in range(30):
+        f.ingest(tel(f"h{h}", 0, T0, [gpu(0, float(h)), gpu(1, float(h))]), T0)
+    assert f.n_slots == 60
+    np.testing.assert_allclose(f.latest("temp_c")[::2], np.arange(30))
+    np.testing.assert_allclose(f.matrix("temp_c", T0)[::2, -1], np.arange(30))
+    for h in range(30, 60):
+        f.ingest(tel(f"h{h}", 0, T0, [gpu(0), gpu(1)]), T0)
+    assert f.n_slots == 100 and f.dropped_gpus == 20
+
+
+def test_non_adjacent_rows_use_fancy_path() -> None:
+    f = FleetState()
+    f.ingest(tel("a", 0, T0, [gpu(0, 1.0)]), T0)
+    f.ingest(tel("b", 0, T0, [gpu(0, 2.0)]), T0)
+    f.ingest(tel("a", 1, T0 + 1, [gpu(0, 3.0), gpu(1, 4.0)]), T0 + 1)  # rows 0 and 2
+    np.testing.assert_allclose(f.latest("temp_c"), [3.0, 2.0, 4.0])
+    np.testing.assert_allclose(f.matrix("temp_c", T0 + 1)[[0, 2], -1], [3.0, 4.0])
+
+
+def test_mem_pct_and_rows_subset() -> None:
+    f = FleetState(history_s=10)
+    f.ingest(tel("a", 0, T0, [gpu(0, mem_used_mib=40000.0), gpu(1, mem_total_mib=None)]), T0)
+    pct = f.matrix("mem_pct", T0)
+    assert pct[0, -1] == pytest.approx(50.0) and np.isnan(pct[1, -1])
+    assert f.matrix("temp_c", T0, rows=[1]).shape == (1, 10)
+
+
+def test_rate_meter() -> None:
+    f = FleetState(rate_window_s=5)
+    for sec in range(10):
+        for k in range(4):
+            f.ingest(tel(f"h{k}", sec, T0 + sec, [gpu(0), gpu(1)]), T0 + sec + 0.1 * k)
+    msgs, samples = f.rates(T0 + 10.2)
+    assert msgs == pytest.approx(4.0) and samples == pytest.approx(8.0)
+    assert f.rates(T0 + 100) == (0.0, 0.0)
+    assert f.messages_total == 40 and f.samples_total == 80
+
+
+def test_boot_change_resets_sequence() -> None:
+    f = FleetState()
+    f.ingest(tel("a", 100, T0, [gpu(0)], boot="x"), T0)
+    f.ingest(tel("a", 0, T0 + 1, [gpu(0)], boot="y"), T0 + 1)
+    info = f.host("a")
+    assert info is not None and info.restarts == 1 and info.seq_gaps == 0 and info.boot == "y"
+
+
+def test_rejected_counter() -> None:
+    f = FleetState()
+    f.note_rejected("invalid_json")
+    f.note_rejected("invalid_json", 2)
+    assert f.rejected_total == 3 and f.version == 2
+
