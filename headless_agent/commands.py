@@ -80,17 +80,18 @@ class CommandHandler:
                 busy = sorted(set(targets) & self.busy_gpus())
                 if busy:
                     raise BackendError(f"GPU {busy[0]} is running a job; cancel it or wait before sleeping")
-                self.backend.sleep(targets)
+                # Pass None through: "every GPU" skips lost ones, an explicit lost GPU is an error.
+                self.backend.sleep(gpus)
                 self.emit("sleep", gpus=targets)
                 return {"gpus": targets}
             case WakeCmd(gpus=gpus):
                 targets = resolve_gpus(gpus, self.backend.gpu_count())
-                self.backend.wake(targets)
+                self.backend.wake(gpus)
                 self.emit("wake", gpus=targets)
                 return {"gpus": targets}
             case SetPowerLimitCmd(gpus=gpus, watts=watts):
                 targets = resolve_gpus(gpus, self.backend.gpu_count())
-                self.backend.set_power_limit(targets, watts)
+                self.backend.set_power_limit(gpus, watts)
                 return {"gpus": targets, "watts": watts}
             case RunJobCmd(job=job):
                 return await self._run_job(job)

@@ -89,6 +89,7 @@ class _Gpu:
     reader: DeviceReader
     worker: _Worker
     pending: Future[ReadResult] | None = None
+    stuck: bool = False  # a read outlived its tick's deadline and has not returned yet
     failures: int = 0
     lost: bool = False
     sleeping: bool = False
@@ -99,7 +100,9 @@ def _load_pynvml() -> object:
     try:
         return importlib.import_module("pynvml")
     except ImportError as exc:
-        raise BackendError("NVML unavailable: the nvidia-ml-py package (module pynvml) is not installed") from exc
+        raise BackendError(
+            "NVML unavailable: the nvidia-ml-py package (module pynvml) is not installed"
+        ) from exc
 
 
 class NvmlBackend:
@@ -172,7 +175,10 @@ class NvmlBackend:
             gpu.failures += 1
             if gpu.failures >= self._fail_threshold and not gpu.lost:
                 log.error(
-                    "GPU %d marked lost after %d failed reads: %s", index, gpu.failures, "; ".join(result.failures)
+                    "GPU %d marked lost after %d failed reads: %s",
+                    index,
+                    gpu.failures,
+                    "; ".join(result.failures),
                 )
                 gpu.lost = True
         else:
@@ -190,8 +196,10 @@ class NvmlBackend:
     def _take_result(self, gpu: _Gpu) -> ReadResult:
         fut = gpu.pending
         if fut is None or not fut.done():
+            gpu.stuck = True
             return ReadResult(None, [f"no answer within {self._read_timeout_s:g} s"])
         gpu.pending = None
+        gpu.stuck = False
         try:
             return fut.result()
         except Exception as exc:  # a bug or ctypes error in one GPU's read must not end the tick
@@ -257,7 +265,9 @@ class NvmlBackend:
                     gpu.saved_limit_mw = milliwatts
                     continue
             try:
-                self._control(gpu, functools.partial(_set_limit, milliwatts=milliwatts), "set the power limit of")
+                self._control(
+                    gpu, functools.partial(_set_limit, milliwatts=milliwatts), "set the power limit of"
+                )
             except BackendError as exc:
                 errors.append(str(exc))
         _raise_collected(errors)
@@ -269,8 +279,10 @@ class NvmlBackend:
             raise BackendError("the NVML backend is closed")
         if gpu.lost:
             raise BackendError(f"GPU {index} is lost; cannot {what} it")
-        if gpu.pending is not None and not gpu.pending.done():
+        if gpu.stuck and gpu.pending is not None and not gpu.pending.done():
+            # Queued behind a hung call it would only time out; say so at once.
             raise BackendError(f"GPU {index} is not answering NVML; cannot {what} it")
+        # A read in progress is fine: the worker runs this right after it.
         fut = gpu.worker.submit(lambda: op(gpu.reader))
         try:
             return fut.result(timeout=self._control_timeout_s)

@@ -118,6 +118,7 @@ class NvmlQuery:
         self._error_type: type[BaseException] = getattr(nvml, "NVMLError", Exception)
         self._lock = threading.Lock()
         self._initialised = False
+        self._shut_down = False
         # Python-side absences are permanent for this process; asking again only costs a lookup,
         # but remembering them keeps the log-once promise obvious.
         self._missing: set[str] = set()
@@ -134,16 +135,22 @@ class NvmlQuery:
         with self._lock:
             if self._initialised:
                 return
+            if self._shut_down:
+                # A worker that was stuck in NVML may wake after close(); it must not re-initialise.
+                raise BackendError("NVML was shut down")
             try:
                 getattr(self._nvml, "nvmlInit")()  # noqa: B009 - the module is duck-typed (real or fake)
             except self._error_type as exc:
-                raise BackendError(f"NVML unavailable: {_message(exc)} (is the NVIDIA driver installed?)") from exc
+                raise BackendError(
+                    f"NVML unavailable: {_message(exc)} (is the NVIDIA driver installed?)"
+                ) from exc
             except OSError as exc:
                 raise BackendError(f"NVML unavailable: {exc}") from exc
             self._initialised = True
 
     def shutdown(self) -> None:
         with self._lock:
+            self._shut_down = True
             if not self._initialised:
                 return
             self._initialised = False
@@ -183,7 +190,9 @@ class NvmlQuery:
             if on_failure is not None:
                 on_failure(exc)
         elif exc.code == NVML_ERROR_FUNCTION_NOT_FOUND:
-            self._log_once(exc, logging.INFO, "NVML function %s is not available here (%s); its field stays null")
+            self._log_once(
+                exc, logging.INFO, "NVML function %s is not available here (%s); its field stays null"
+            )
         elif exc.code == NVML_ERROR_NOT_SUPPORTED:
             self._log_once(exc, logging.DEBUG, "NVML %s: %s")
         else:
@@ -216,6 +225,10 @@ def _text(value: Any) -> str | None:
 
 def _num(value: Any, scale: float = 1.0) -> float | None:
     return None if value is None else float(value) / scale
+
+
+def _int(value: Any) -> int | None:
+    return None if value is None else int(value)
 
 
 def _mib(value: Any) -> int | None:
@@ -252,6 +265,12 @@ class DeviceReader:
         self._event_set: Any = None
         self._events_supported = True
         self._wait_fn = "nvmlEventSetWait_v2" if query.has("nvmlEventSetWait_v2") else "nvmlEventSetWait"
+        # nvmlDeviceGetTemperature is deprecated for removal in CUDA 14; a pynvml without it has the V form.
+        self._temp_fn = (
+            "nvmlDeviceGetTemperature"
+            if query.has("nvmlDeviceGetTemperature")
+            else "nvmlDeviceGetTemperatureV"
+        )
 
     # ------------------------------------------------------------------ one tick
 
@@ -308,7 +327,9 @@ class DeviceReader:
             self.uuid = uuid or self.uuid
             self._identity_known = name is not None and uuid is not None
         if not self._slowdown_read:
-            value = self._q.get("nvmlDeviceGetTemperatureThreshold", h, NVML_TEMPERATURE_THRESHOLD_SLOWDOWN, on_failure=fail)
+            value = self._q.get(
+                "nvmlDeviceGetTemperatureThreshold", h, NVML_TEMPERATURE_THRESHOLD_SLOWDOWN, on_failure=fail
+            )
             self._slowdown_c = _num(value)
             self._slowdown_read = True
 
@@ -324,21 +345,27 @@ class DeviceReader:
         reasons = q("nvmlDeviceGetCurrentClocksEventReasons", h, on_failure=fail)
         if reasons is None:  # pynvml/driver older than the 2023 rename
             reasons = q("nvmlDeviceGetCurrentClocksThrottleReasons", h, on_failure=fail)
-        ecc = q("nvmlDeviceGetTotalEccErrors", h, NVML_MEMORY_ERROR_TYPE_UNCORRECTED, NVML_VOLATILE_ECC, on_failure=fail)
+        ecc = q(
+            "nvmlDeviceGetTotalEccErrors",
+            h,
+            NVML_MEMORY_ERROR_TYPE_UNCORRECTED,
+            NVML_VOLATILE_ECC,
+            on_failure=fail,
+        )
         return GpuSample(
             index=self.index,
             uuid=self.uuid,
             name=self.name,
             state="ok",
-            temp_c=_num(q("nvmlDeviceGetTemperature", h, NVML_TEMPERATURE_GPU, on_failure=fail)),
+            temp_c=_num(q(self._temp_fn, h, NVML_TEMPERATURE_GPU, on_failure=fail)),
             mem_used_mib=mem_used,
             mem_total_mib=self._mem_total_mib,
             util_pct=None if util is None else float(util.gpu),
             mem_util_pct=None if util is None else float(util.memory),
             power_w=_num(q("nvmlDeviceGetPowerUsage", h, on_failure=fail), 1000.0),
             power_limit_w=_num(limit, 1000.0),
-            sm_clock_mhz=_num(q("nvmlDeviceGetClockInfo", h, NVML_CLOCK_SM, on_failure=fail)),
-            mem_clock_mhz=_num(q("nvmlDeviceGetClockInfo", h, NVML_CLOCK_MEM, on_failure=fail)),
+            sm_clock_mhz=_int(q("nvmlDeviceGetClockInfo", h, NVML_CLOCK_SM, on_failure=fail)),
+            mem_clock_mhz=_int(q("nvmlDeviceGetClockInfo", h, NVML_CLOCK_MEM, on_failure=fail)),
             fan_pct=_num(q("nvmlDeviceGetFanSpeed", h, on_failure=fail)),
             energy_j=_num(q("nvmlDeviceGetTotalEnergyConsumption", h, on_failure=fail), 1000.0),
             throttle=None if reasons is None else throttle_names(int(reasons)),

@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import os.path
 import random
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -167,6 +168,9 @@ class SimulatedBackend:
         self._pending_faults = [self._checked(s) for s in faults]
         self._start_ts = start_ts
         self._t: float | None = None
+        # The agent reads in an executor thread while commands arrive on the
+        # event loop, so every public call holds this lock.
+        self._lock = threading.RLock()
 
     # ------------------------------------------------------------------ GpuBackend
 
@@ -174,40 +178,44 @@ class SimulatedBackend:
         return len(self._gpus)
 
     def read(self, now: float) -> list[GpuSample]:
-        self._advance(now)
-        return [self._sample(g) for g in self._gpus]
+        with self._lock:
+            self._advance(now)
+            return [self._sample(g) for g in self._gpus]
 
     def sleep(self, gpus: Sequence[int] | None) -> None:
-        targets = self._controllable(gpus, "put to sleep")
-        for g in targets:
-            running = [w.job.id for w in g.works if w.job is not None]
-            if running:
-                raise BackendError(
-                    f"GPU {g.index} is running job {running[0]}; cancel it before sleeping the GPU"
-                )
-        for g in targets:
-            # Synthetic background users are evicted silently: they exist only for show.
-            g.works.clear()
-            g.bg = None
-            g.state = "sleeping"
+        with self._lock:
+            targets = self._controllable(gpus, "put to sleep")
+            for g in targets:
+                running = [w.job.id for w in g.works if w.job is not None]
+                if running:
+                    raise BackendError(
+                        f"GPU {g.index} is running job {running[0]}; cancel it before sleeping the GPU"
+                    )
+            for g in targets:
+                # Synthetic background users are evicted silently: they exist only for show.
+                g.works.clear()
+                g.bg = None
+                g.state = "sleeping"
 
     def wake(self, gpus: Sequence[int] | None) -> None:
-        for g in self._controllable(gpus, "woken"):
-            if g.state == "sleeping":
-                g.state = "ok"
-                g.bg_next = (self._t or 0.0) + g.rng.uniform(30.0, 300.0)
+        with self._lock:
+            for g in self._controllable(gpus, "woken"):
+                if g.state == "sleeping":
+                    g.state = "ok"
+                    g.bg_next = (self._t or 0.0) + g.rng.uniform(30.0, 300.0)
 
     def set_power_limit(self, gpus: Sequence[int] | None, watts: float) -> None:
-        targets = self._controllable(gpus, "given a power limit")
-        for g in targets:
-            m = g.model
-            if not m.min_limit_w <= watts <= m.max_limit_w:
-                raise BackendError(
-                    f"power limit {watts:g} W is outside GPU {g.index}'s range "
-                    f"{m.min_limit_w:g}-{m.max_limit_w:g} W ({m.name})"
-                )
-        for g in targets:
-            g.power_limit = float(watts)
+        with self._lock:
+            targets = self._controllable(gpus, "given a power limit")
+            for g in targets:
+                m = g.model
+                if not m.min_limit_w <= watts <= m.max_limit_w:
+                    raise BackendError(
+                        f"power limit {watts:g} W is outside GPU {g.index}'s range "
+                        f"{m.min_limit_w:g}-{m.max_limit_w:g} W ({m.name})"
+                    )
+            for g in targets:
+                g.power_limit = float(watts)
 
     def close(self) -> None:
         """Nothing to release: the simulation holds no OS resources."""
@@ -215,52 +223,56 @@ class SimulatedBackend:
     # ------------------------------------------------------------------ SimulatedJobs
 
     def start_job(self, job: JobSpec, now: float) -> None:
-        self._advance(now)
-        if not job.gpus:
-            raise BackendError(f"job {job.id} names no GPU")
-        if job.id in self._jobs:
-            raise BackendError(f"job {job.id} is already running")
-        gpus = [self._gpus[i] for i in resolve_gpus(job.gpus, len(self._gpus))]
-        for g in gpus:
-            if g.state == "sleeping":
-                raise BackendError(f"GPU {g.index} is sleeping; wake it first")
-            if g.state == "lost":
-                raise BackendError(f"GPU {g.index} is lost (not responding); it cannot run jobs")
-        kind = job.kind or "training"
-        smallest = min(g.model.mem_total_mib for g in gpus)
-        mem = job.mem_mib if job.mem_mib is not None else smallest * (0.25 if kind == "training" else 0.1)
-        work = _Work(
-            kind=kind,
-            mem_mib=float(mem),
-            pid=self._new_pid(),
-            name=os.path.basename(job.argv[0]) or job.argv[0],
-            gpus=tuple(g.index for g in gpus),
-            start=self._t if self._t is not None else now,
-            job=job,
-            expected_s=DEFAULT_EXPECTED_S if job.expected_s is None else float(job.expected_s),
-            level=10.0,
-        )
-        self._jobs[job.id] = work
-        for g in gpus:
-            g.works.append(work)
+        with self._lock:
+            self._advance(now)
+            if not job.gpus:
+                raise BackendError(f"job {job.id} names no GPU")
+            if job.id in self._jobs:
+                raise BackendError(f"job {job.id} is already running")
+            gpus = [self._gpus[i] for i in resolve_gpus(job.gpus, len(self._gpus))]
+            for g in gpus:
+                if g.state == "sleeping":
+                    raise BackendError(f"GPU {g.index} is sleeping; wake it first")
+                if g.state == "lost":
+                    raise BackendError(f"GPU {g.index} is lost (not responding); it cannot run jobs")
+            kind = job.kind or "training"
+            smallest = min(g.model.mem_total_mib for g in gpus)
+            mem = job.mem_mib if job.mem_mib is not None else smallest * (0.25 if kind == "training" else 0.1)
+            work = _Work(
+                kind=kind,
+                mem_mib=float(mem),
+                pid=self._new_pid(),
+                name=os.path.basename(job.argv[0]) or job.argv[0],
+                gpus=tuple(g.index for g in gpus),
+                start=self._t if self._t is not None else now,
+                job=job,
+                expected_s=DEFAULT_EXPECTED_S if job.expected_s is None else float(job.expected_s),
+                level=10.0,
+            )
+            self._jobs[job.id] = work
+            for g in gpus:
+                g.works.append(work)
 
     def cancel_job(self, job_id: str, now: float) -> bool:
-        self._advance(now)
-        work = self._jobs.get(job_id)
-        if work is None:
-            return False
-        self._end(work, "job_cancelled", -15, "cancelled (SIGTERM)")
-        return True
+        with self._lock:
+            self._advance(now)
+            work = self._jobs.get(job_id)
+            if work is None:
+                return False
+            self._end(work, "job_cancelled", -15, "cancelled (SIGTERM)")
+            return True
 
     def poll_jobs(self, now: float) -> list[JobOutcome]:
-        self._advance(now)
-        out, self._outcomes = self._outcomes, []
-        return out
+        with self._lock:
+            self._advance(now)
+            out, self._outcomes = self._outcomes, []
+            return out
 
     def inject_fault(self, spec: str, now: float) -> None:
-        fault = self._checked(spec)
-        self._advance(now)
-        self._add_fault(fault, now)
+        with self._lock:
+            fault = self._checked(spec)
+            self._advance(now)
+            self._add_fault(fault, now)
 
     # ------------------------------------------------------------------ ground truth
 
@@ -271,7 +283,8 @@ class SimulatedBackend:
 
     def active_faults(self, now: float) -> list[FaultSpec]:
         """Faults in effect at ``now``: the labels an anomaly detector is scored against."""
-        return [f.spec for f in self._faults if f.active(now)]
+        with self._lock:
+            return [f.spec for f in self._faults if f.active(now)]
 
     # ------------------------------------------------------------------ internals
 
@@ -334,9 +347,8 @@ class SimulatedBackend:
 
     def _step(self, t: float, dt: float) -> None:
         # Room temperature wanders slowly around the host's base (mean-reverting walk).
-        self._ambient += (self._amb_base - self._ambient) * dt / 600.0 + self._rng.gauss(
-            0.0, 0.03
-        ) * math.sqrt(dt)
+        drift = (self._amb_base - self._ambient) * dt / 600.0
+        self._ambient += drift + self._rng.gauss(0.0, 0.03) * math.sqrt(dt)
         for w in self._jobs.values():
             w.update_level(t, dt, self._gpus[w.gpus[0]].rng)
         for g in self._gpus:
@@ -425,13 +437,11 @@ class SimulatedBackend:
         for w in list(g.works):
             want = w.mem_mib * w.ramp(t)
             if used + want > total and w.job is not None:
-                self._end(
-                    w,
-                    "job_failed",
-                    1,
+                detail = (
                     f"CUDA out of memory: tried to allocate {want - w.alloc_mib:.0f} MiB on GPU {g.index} "
-                    f"({total} MiB total capacity; {used:.0f} MiB already in use)",
+                    f"({total} MiB total capacity; {used:.0f} MiB already in use)"
                 )
+                self._end(w, "job_failed", 1, detail)
                 continue
             w.alloc_mib = want
             used += want
@@ -475,24 +485,13 @@ class SimulatedBackend:
     def _progress(self, w: _Work, dt: float) -> None:
         gpus = [self._gpus[i] for i in w.gpus]
         for g in gpus:
-            m = g.model
+            m, why = g.model, None
             if g.temp >= m.shutdown_c:
-                self._end(
-                    w,
-                    "job_failed",
-                    1,
-                    f"thermal: GPU {g.index} reached {g.temp:.0f} C "
-                    f"(shutdown temperature {m.shutdown_c:g} C)",
-                )
-                return
-            if g.hot_s >= THERMAL_FAIL_S:
-                self._end(
-                    w,
-                    "job_failed",
-                    1,
-                    f"thermal: GPU {g.index} held at or above its slowdown "
-                    f"temperature ({m.slowdown_c:g} C) for {THERMAL_FAIL_S:g} s",
-                )
+                why = f"GPU {g.index} reached {g.temp:.0f} C (shutdown temperature {m.shutdown_c:g} C)"
+            elif g.hot_s >= THERMAL_FAIL_S:
+                why = f"GPU {g.index} held at or above {m.slowdown_c:g} C (slowdown) for {THERMAL_FAIL_S:g} s"
+            if why:
+                self._end(w, "job_failed", 1, f"thermal: {why}")
                 return
         # A multi-GPU job is as fast as its slowest GPU (they synchronise every step).
         w.progress += dt * min(g.perf * g.share for g in gpus)
@@ -555,7 +554,7 @@ class SimulatedBackend:
             processes=[
                 Process(pid=w.pid, name=w.name, mem_used_mib=float(round(w.alloc_mib)))
                 for w in g.works
-                if w.alloc_mib > 0
+                if w.alloc_mib > 0 or w.job is not None
             ],
             slowdown_temp_c=m.slowdown_c,
         )

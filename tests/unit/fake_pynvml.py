@@ -166,6 +166,10 @@ class FakeNvml:
         assert sensor == _real.NVML_TEMPERATURE_GPU
         return self._gpu(h, "nvmlDeviceGetTemperature").temp_c
 
+    def nvmlDeviceGetTemperatureV(self, h: FakeHandle, sensor: int) -> int:
+        assert sensor == _real.NVML_TEMPERATURE_GPU
+        return self._gpu(h, "nvmlDeviceGetTemperatureV").temp_c
+
     def nvmlDeviceGetTemperatureThreshold(self, h: FakeHandle, threshold: int) -> int:
         assert threshold == _real.NVML_TEMPERATURE_THRESHOLD_SLOWDOWN
         return self._gpu(h, "nvmlDeviceGetTemperatureThreshold").slowdown_c

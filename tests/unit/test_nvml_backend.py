@@ -71,6 +71,7 @@ def test_every_field_mapped_with_units(fake: FakeNvml, backend: NvmlBackend) -> 
     assert s.power_w == pytest.approx(120.5)
     assert s.power_limit_w == pytest.approx(700.0)
     assert (s.sm_clock_mhz, s.mem_clock_mhz) == (1980, 2619)
+    assert isinstance(s.sm_clock_mhz, int)  # whole MHz on the wire, as in the protocol's example
     assert s.fan_pct == 30
     assert s.energy_j == pytest.approx(123456.7)
     assert s.throttle == ["sw_power_cap"]
@@ -157,6 +158,15 @@ def test_not_supported_is_null_and_not_a_failure(fake: FakeNvml, backend: NvmlBa
     assert s.temp_c == 45.0
 
 
+def test_temperature_from_v_form_when_pynvml_drops_the_old_one(fake: FakeNvml, tmp_path: Path) -> None:
+    fake.missing.add("nvmlDeviceGetTemperature")
+    b = NvmlBackend(fake, read_timeout_s=TIMEOUT_S, proc_root=tmp_path)
+    try:
+        assert b.read(0.0)[0].temp_c == 45.0
+    finally:
+        b.close()
+
+
 def test_old_pynvml_missing_functions_null_and_logged_once(
     fake: FakeNvml, backend: NvmlBackend, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -222,10 +232,13 @@ def test_hanging_call_times_out_without_blocking_the_tick(fake: FakeNvml, backen
         # Generous bound: the deadline is 0.2 s; a blocked tick would take the 30 s hang limit.
         assert time.monotonic() - started < TIMEOUT_S + 2.0
         assert (s0.state, s2.state) == ("ok", "ok") and s0.power_w is not None
-        states.append(s1.state)
         assert s1.temp_c is None
+        states.append(s1.state)
+        if t == 0:
+            # A stuck GPU refuses control calls at once instead of queueing them behind the hang.
+            with pytest.raises(BackendError, match="GPU 1 is not answering NVML"):
+                backend.sleep([1])
     assert states == ["ok", "ok", "lost"]
-    # A stuck GPU refuses control calls instead of queueing them behind the hang.
     with pytest.raises(BackendError, match="GPU 1 is lost"):
         backend.set_power_limit([1], 300)
     fake.gpus[1].hangs.clear()
@@ -343,7 +356,9 @@ def test_sleep_without_root_is_a_clear_error(fake: FakeNvml, backend: NvmlBacken
     with pytest.raises(BackendError) as info:
         backend.sleep(None)
     # One reason for all three GPUs, said once.
-    assert str(info.value) == "setting the power limit needs root on this host (NVML: Insufficient Permissions)"
+    assert (
+        str(info.value) == "setting the power limit needs root on this host (NVML: Insufficient Permissions)"
+    )
     assert [s.state for s in backend.read(0.0)] == ["ok"] * 3
     with pytest.raises(BackendError, match="needs root"):
         backend.set_power_limit([0], 300)

@@ -1,0 +1,367 @@
+"""The dispatcher: takes pending jobs, asks the scheduler where to run them, sends ``run_job``.
+
+Exactly one station dispatches at a time. Each station's Dispatcher keeps a dedicated
+autocommit connection and tries ``pg_try_advisory_lock`` on it every interval; the
+one that gets it dispatches, the others stand by. The lock is a session lock, so it
+goes away with its connection: a station that quits, crashes or loses the database
+releases it and another station's next try takes over. Every job change is also a
+conditional update (``only_from``), so even a brief overlap cannot dispatch a job twice.
+
+Every station can cancel jobs and read their logs (:meth:`Dispatcher.cancel`,
+:meth:`Dispatcher.job_log`); only the lock holder places them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
+from typing import Any, Protocol
+
+import psycopg
+
+from aether_desktop.services.bus import HostOffline
+from aether_desktop.services.jobs import JobRecord, JobRepository
+from aether_desktop.services.jobtypes import Decision, GpuCandidate, JobRequest
+from aether_protocol import PROTOCOL_VERSION, CancelJobCmd, Command, JobLogCmd, JobSpec, Reply, RunJobCmd
+
+log = logging.getLogger(__name__)
+
+
+class Placer(Protocol):
+    """The scheduler (services/scheduler.py ``Scheduler``), or a fake in tests."""
+
+    def place(self, job: JobRequest, candidates: Sequence[GpuCandidate], now: float) -> Decision: ...
+
+
+class CommandSender(Protocol):
+    """The station's command client (services/bus.py ``Bus``): raises HostOffline for no
+    responders, a timeout or no NATS connection."""
+
+    async def request(self, host: str, cmd: Command, timeout: float = 5.0) -> Reply: ...
+
+
+class JobActionError(Exception):
+    """A cancel or log request that could not be done; the message is for the operator."""
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+def lock_key(prefix: str) -> int:
+    """The advisory lock id for one deployment (subject prefix): a stable signed bigint."""
+    digest = hashlib.blake2b(f"aether-dispatcher:{prefix}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+def command_id() -> str:
+    return "c-" + uuid.uuid4().hex[:12]
+
+
+def run_job_command(job: JobRequest, gpus: Sequence[int], cmd_id: str) -> RunJobCmd:
+    spec = JobSpec(
+        id=job.id, argv=list(job.argv), gpus=list(gpus), env=dict(job.env) or None, cwd=job.cwd,
+        kind=job.kind, mem_mib=job.mem_mib or None, expected_s=job.expected_s,
+    )  # fmt: skip
+    return RunJobCmd(v=PROTOCOL_VERSION, id=cmd_id, job=spec)
+
+
+def reserve(
+    candidates: Sequence[GpuCandidate], placed: Iterable[tuple[str | None, Sequence[int], float]]
+) -> list[GpuCandidate]:
+    """Count jobs placed but not yet visible in telemetry against their GPUs.
+
+    Without this, two jobs placed in the same tick (or before the agent's next sample)
+    would both see the same GPU as free.
+    """
+    extra: dict[tuple[str, int], tuple[int, float]] = {}
+    for host, gpus, mem in placed:
+        for g in gpus:
+            if host is not None:
+                n, m = extra.get((host, g), (0, 0.0))
+                extra[(host, g)] = (n + 1, m + mem)
+    out = []
+    for c in candidates:
+        n, m = extra.get((c.host, c.index), (0, 0.0))
+        out.append(replace(c, running_jobs=c.running_jobs + n, mem_used_mib=c.mem_used_mib + m) if n else c)
+    return out
+
+
+def pinned_candidates(job: JobRequest, candidates: Sequence[GpuCandidate]) -> list[GpuCandidate]:
+    """A job pinned to ``host:0,1`` may only be placed there, whatever the placer would prefer."""
+    if job.host is None:
+        return list(candidates)
+    return [c for c in candidates if c.host == job.host and (job.gpus is None or c.index in job.gpus)]
+
+
+def check_decision(job: JobRequest, d: Decision) -> Decision:
+    """Turn an unusable answer from the placer into a 'wait' that says why."""
+    if d.action == "place" and (not d.host or len(d.gpus) != job.num_gpus):
+        return Decision("wait", f"scheduler returned an unusable placement ({d.host} {list(d.gpus)}); retrying",
+                        candidates=d.candidates)  # fmt: skip
+    if d.action == "defer" and d.not_before_ts is None:
+        return replace(d, action="wait")
+    return d
+
+
+# --------------------------------------------------------------------------- dispatcher
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        repo: JobRepository,
+        dsn: str,
+        placer: Placer,
+        sender: CommandSender,
+        candidates: Callable[[], Sequence[GpuCandidate]],
+        *,
+        prefix: str = "aether",
+        interval_s: float = 2.0,
+        start_timeout_s: float = 120.0,
+        request_timeout_s: float = 5.0,
+        batch: int = 50,
+        operator: str | None = None,
+        clock: Callable[[], float] = time.time,
+        on_role: Callable[[bool], None] | None = None,
+    ) -> None:
+        """``candidates()`` returns the fleet's GPUs as they are now (called once per tick).
+
+        ``start_timeout_s``: a dispatched job with no ``job_started`` event by then is
+        lost. It must cover the agent's start-up and the event's trip through JetStream
+        into the database, hence generous. ``on_role(active)`` is told when this station
+        starts or stops dispatching.
+        """
+        self._repo = repo
+        self._dsn = dsn
+        self._placer = placer
+        self._sender = sender
+        self._candidates = candidates
+        self._key = lock_key(prefix)
+        self._interval_s = interval_s
+        self._start_timeout_s = start_timeout_s
+        self._request_timeout_s = request_timeout_s
+        self._batch = batch
+        self._operator = operator
+        self._clock = clock
+        self._on_role = on_role
+        self._lock_conn: psycopg.AsyncConnection[Any] | None = None
+        self._active = False
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._sends: set[asyncio.Task[None]] = set()
+
+    @property
+    def active(self) -> bool:
+        """True while this station holds the dispatcher lock."""
+        return self._active
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="dispatcher")
+
+    async def stop(self) -> None:
+        """Stop dispatching and release the lock (another station takes over)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):  # the cancellation we asked for
+                await self._task
+            self._task = None
+        for t in list(self._sends):
+            t.cancel()
+        await self._drop_lock()
+
+    def wake(self) -> None:
+        """Dispatch now instead of at the next interval (e.g. after a submit)."""
+        self._wake.set()
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                if await self.try_acquire():
+                    await self.tick()
+            except (psycopg.OperationalError, TimeoutError) as exc:
+                # The database is away; the lock connection is checked again next round.
+                log.warning("dispatcher: database unavailable (%s)", exc)
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._interval_s)
+
+    # ----------------------------------------------------------------- the lock
+
+    async def try_acquire(self) -> bool:
+        """Hold (or try to take) the dispatcher lock; True while this station dispatches."""
+        try:
+            if self._lock_conn is None or self._lock_conn.closed:
+                self._lock_conn = await psycopg.AsyncConnection.connect(
+                    self._dsn, autocommit=True, connect_timeout=10,
+                    keepalives=1, keepalives_idle=10, keepalives_interval=5, keepalives_count=3,
+                )  # fmt: skip
+                # Server-side keepalives: if this station's host vanishes, PostgreSQL notices
+                # the dead socket and frees the lock for another station within ~25 s.
+                with contextlib.suppress(psycopg.Error):
+                    await self._lock_conn.execute(
+                        "SET tcp_keepalives_idle = 10; SET tcp_keepalives_interval = 5; SET tcp_keepalives_count = 3"
+                    )
+            conn = self._lock_conn
+            if self._active:
+                # Still ours? A hung connection must not leave two dispatchers, hence the timeout.
+                await asyncio.wait_for(conn.execute("SELECT 1"), 5.0)
+                return True
+            cur = await asyncio.wait_for(conn.execute("SELECT pg_try_advisory_lock(%s)", (self._key,)), 5.0)
+            row = await cur.fetchone()
+            got = bool(row and row[0])
+        except (psycopg.OperationalError, TimeoutError) as exc:
+            if self._active:
+                log.warning("dispatcher: lost the lock connection (%s); standing by", exc)
+            await self._drop_lock()
+            return False
+        if got:
+            log.info("dispatcher: this station now dispatches jobs")
+            self._set_active(True)
+        return got
+
+    async def _drop_lock(self) -> None:
+        conn, self._lock_conn = self._lock_conn, None
+        if conn is not None:
+            with contextlib.suppress(psycopg.Error):  # closing a dead connection may fail; it is gone anyway
+                await conn.close()
+        self._set_active(False)
+
+    def _set_active(self, active: bool) -> None:
+        if active != self._active:
+            self._active = active
+            if self._on_role is not None:
+                self._on_role(active)
+
+    # ----------------------------------------------------------------- one pass
+
+    async def tick(self) -> None:
+        """One dispatch pass (only while holding the lock): expire silent dispatches, then
+        place pending jobs by priority and age. ``run_job`` requests go out concurrently."""
+        if not self._active:
+            return
+        now = self._clock()
+        for job in await self._repo.overdue_dispatched(now - self._start_timeout_s):
+            await self._repo.mark_lost(
+                job.id, f"no job_started from {job.host} within {self._start_timeout_s:.0f} s of dispatch", now
+            )
+        pending = await self._repo.pending(now, self._batch)
+        if not pending:
+            return
+        inflight = await self._repo.list_jobs(states=("dispatched",))
+        cands = reserve(list(self._candidates()), ((j.host, j.gpus, j.request.mem_mib) for j in inflight))
+        sends: list[asyncio.Task[None]] = []
+        for job in pending:
+            if not self._active:
+                break
+            d = self._decide(job.request, cands, now)
+            if d.action == "place":
+                if await self._repo.mark_dispatched(job.id, d, now):
+                    cands = reserve(cands, [(d.host, d.gpus, job.request.mem_mib)])
+                    sends.append(self._spawn(self._send_run(job.request, d)))
+            elif d.action == "reject":
+                await self._repo.mark_rejected(job.id, d.reason, now, decision=d, only_from=("pending",))
+            else:
+                await self._repo.record_decision(job.id, d, now)
+        if sends:
+            await asyncio.gather(*sends, return_exceptions=True)
+
+    def _decide(self, job: JobRequest, cands: Sequence[GpuCandidate], now: float) -> Decision:
+        usable = pinned_candidates(job, cands)
+        if job.host is not None and len(usable) < job.num_gpus:
+            gpus = ",".join(map(str, job.gpus or ()))
+            return Decision("wait", f"pinned GPUs {job.host}:{gpus} are not all reported by the fleet")
+        try:
+            d = self._placer.place(job, usable, now)
+        except Exception as exc:
+            # The placer is a model; a bug in it must leave the job waiting with the
+            # error shown, not stop dispatching for every job.
+            log.exception("scheduler failed on job %s", job.id)
+            return Decision("wait", f"scheduler error: {type(exc).__name__}: {exc}")
+        return check_decision(job, d)
+
+    def _spawn(self, coro: Any) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.create_task(coro)
+        self._sends.add(task)
+        task.add_done_callback(self._sends.discard)
+        return task
+
+    async def _send_run(self, job: JobRequest, d: Decision) -> None:
+        assert d.host is not None
+        cmd = run_job_command(job, d.gpus, command_id())
+        try:
+            reply = await self._sender.request(d.host, cmd, timeout=self._request_timeout_s)
+        except HostOffline as exc:
+            await self._repo.mark_lost(job.id, f"run_job not delivered: {exc}", self._clock())
+            return
+        except Exception as exc:
+            # Whatever broke, the agent did not confirm: say so now rather than leave the
+            # job "dispatched" until the start timeout.
+            log.exception("run_job for %s to %s failed", job.id, d.host)
+            await self._repo.mark_lost(job.id, f"run_job to {d.host} failed: {exc}", self._clock())
+            return
+        if not reply.ok:
+            await self._repo.mark_rejected(
+                job.id, f"agent {d.host} refused: {reply.error or 'no reason given'}", self._clock(),
+                only_from=("dispatched",),
+            )  # fmt: skip
+            return
+        # A cancel that came in while run_job was on its way found nothing to cancel on
+        # the agent yet; deliver it now that the job exists there.
+        rec = await self._repo.get(job.id)
+        if rec is not None and rec.cancel_requested_ts is not None and not rec.terminal:
+            with contextlib.suppress(JobActionError):
+                await self._send_cancel(rec)
+
+    # ----------------------------------------------------------------- operator actions
+
+    async def cancel(self, job_id: str) -> str:
+        """Cancel a job; returns what happened in words, raises JobActionError if it could not."""
+        before = await self._repo.get(job_id)
+        if before is None:
+            raise JobActionError(f"there is no job {job_id}")
+        if before.terminal:
+            raise JobActionError(f"{job_id} already ended ({before.state})")
+        rec = await self._repo.cancel(job_id, self._clock(), by=self._operator)
+        if rec is None:
+            raise JobActionError(f"there is no job {job_id}")
+        if rec.state == "cancelled":
+            return f"{job_id} cancelled"
+        if rec.terminal:
+            raise JobActionError(f"{job_id} already ended ({rec.state})")
+        return await self._send_cancel(rec)
+
+    async def _send_cancel(self, rec: JobRecord) -> str:
+        assert rec.host is not None
+        reply = await self._request(rec.host, CancelJobCmd(v=PROTOCOL_VERSION, id=command_id(), job_id=rec.id))
+        if not reply.ok:
+            raise JobActionError(f"agent {rec.host} refused to cancel {rec.id}: {reply.error}")
+        return f"cancel sent to {rec.host} for {rec.id}"
+
+    async def job_log(self, job_id: str, max_bytes: int = 65536) -> str:
+        """The tail of the job's output, from the agent that runs (or ran) it."""
+        rec = await self._repo.get(job_id)
+        if rec is None:
+            raise JobActionError(f"there is no job {job_id}")
+        if rec.host is None:
+            raise JobActionError(f"{job_id} has not been placed on a host yet")
+        cmd = JobLogCmd(v=PROTOCOL_VERSION, id=command_id(), job_id=job_id, max_bytes=max_bytes)
+        reply = await self._request(rec.host, cmd)
+        if not reply.ok:
+            raise JobActionError(f"agent {rec.host} does not share the log of {job_id}: {reply.error}")
+        text = (reply.data or {}).get("log")
+        return text if isinstance(text, str) else ""
+
+    async def _request(self, host: str, cmd: Command) -> Reply:
+        try:
+            return await self._sender.request(host, cmd, timeout=self._request_timeout_s)
+        except HostOffline as exc:
+            raise JobActionError(str(exc)) from None
