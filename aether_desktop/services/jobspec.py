@@ -292,3 +292,19 @@ def errors_by_field(errors: list[FieldError]) -> dict[str, str]:
 def argv_display(argv: tuple[str, ...]) -> str:
     """The argv as a copy-pastable line (quoted the way shlex would split it back)."""
     return shlex.join(argv)
+
+
+def fields_from_request(req: JobRequest) -> JobFields:
+    """The text fields that parse back to ``req`` (to edit a copy of an earlier job)."""
+    gpus = f"{req.host}:{','.join(map(str, req.gpus))}" if req.host and req.gpus else str(req.num_gpus)
+    return JobFields(
+        command=shlex.join(req.argv),
+        gpus=gpus,
+        mem=f"{req.mem_mib:g}" if req.mem_mib else "",
+        kind=req.kind,
+        expected=f"{req.expected_s:g}",
+        priority=str(req.priority),
+        deadline="",  # an old deadline is usually past; the operator sets a new one
+        env="\n".join(f"{k}={v}" for k, v in req.env.items()),
+        cwd=req.cwd or "",
+    )

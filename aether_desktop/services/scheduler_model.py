@@ -75,9 +75,16 @@ def model_ordinal(name: str) -> float:
 
 def feature_matrix(job: JobRequest, candidates: Sequence[GpuCandidate]) -> np.ndarray:
     """One float32 row per candidate, columns as FEATURE_NAMES. Vectorised over the candidates."""
+    return features_and_hosts(job, candidates)[0]
+
+
+def features_and_hosts(
+    job: JobRequest, candidates: Sequence[GpuCandidate]
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Feature rows, each candidate's host number, and the host names in first-seen order."""
     n = len(candidates)
     if n == 0:
-        return np.zeros((0, len(FEATURE_NAMES)), dtype=np.float32)
+        return np.zeros((0, len(FEATURE_NAMES)), dtype=np.float32), np.zeros(0, dtype=np.int64), []
     raw = np.array(
         [
             (
@@ -120,7 +127,7 @@ def feature_matrix(job: JobRequest, candidates: Sequence[GpuCandidate]) -> np.nd
     x[:, 14] = 0.0 if job.kind == "training" else 1.0
     x[:, 15] = np.log(max(job.expected_s, 1.0))
     x[:, 16] = job.num_gpus
-    return x
+    return x, host_id, list(hosts)
 
 
 @dataclass

@@ -294,7 +294,7 @@ class FleetTable(QWidget):
         vh.setDefaultSectionSize(22)
         hh = self.view.horizontalHeader()
         hh.setHighlightSections(False)
-        for col, width in enumerate((110, 40, 120, 90, 72, 100, 62, 90)):
+        for col, width in enumerate((108, 36, 118, 80, 68, 96, 56, 80)):
             self.view.setColumnWidth(col, width)
         hh.setStretchLastSection(True)
 

@@ -79,6 +79,7 @@ class GpuPlots(QWidget):
         now = QDateTime.currentDateTime()
         self.start_edit.setDateTime(now.addSecs(-3600))
         self.end_edit.setDateTime(now)
+        self._arrow = QLabel("→")
         self.apply_button = QPushButton("Apply")
         self.reload_button = QPushButton("Reload")
         self.reload_button.setToolTip("Fetch the selected range again")
@@ -124,7 +125,7 @@ class GpuPlots(QWidget):
         bar.addWidget(QLabel("Range"))
         bar.addWidget(self.range_combo)
         bar.addWidget(self.start_edit)
-        bar.addWidget(QLabel("→"))
+        bar.addWidget(self._arrow)
         bar.addWidget(self.end_edit)
         bar.addWidget(self.apply_button)
         bar.addWidget(self.reload_button)
@@ -258,7 +259,7 @@ class GpuPlots(QWidget):
     # ------------------------------------------------------------------ range and history
 
     def _show_custom(self, visible: bool) -> None:
-        for w in (self.start_edit, self.end_edit, self.apply_button):
+        for w in (self.start_edit, self._arrow, self.end_edit, self.apply_button):
             w.setVisible(visible)
 
     def _set_status(self, text: str, level: str = "info") -> None:

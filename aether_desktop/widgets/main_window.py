@@ -110,7 +110,7 @@ class MainWindow(QMainWindow):
         self.splitter.addWidget(right)
         self.splitter.setStretchFactor(0, 2)
         self.splitter.setStretchFactor(1, 3)
-        self.splitter.setSizes([620, 880])
+        self.splitter.setSizes([690, 810])
         right.setSizes([330, 500])
         fleet_page = QWidget()
         page_layout = QVBoxLayout(fleet_page)

@@ -1,0 +1,123 @@
+"""The windowed station: QApplication with the asyncio loop inside it (qasync)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import traceback
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+
+from aether_desktop.config import StationConfig
+from aether_desktop.station import Station, data_dir_ok
+
+log = logging.getLogger("aether.gui")
+
+
+class CommandProxy:
+    """The window's CommandClient: forwards to the bus once it exists, never raises."""
+
+    def __init__(self, station: Station) -> None:
+        self._station = station
+
+    async def send(self, host: str, op: str, gpus: list[int] | None = None, **fields: object) -> tuple[bool, str]:
+        if self._station.bus is None:
+            return False, f"{op} {host}: not connected to NATS yet"
+        return await self._station.bus.send(host, op, gpus, **fields)
+
+
+class HistoryProxy:
+    """The window's HistorySource: waits for the database, says clearly when there is none."""
+
+    def __init__(self, station: Station) -> None:
+        self._station = station
+
+    async def fetch(self, keys: Sequence[tuple[str, int]], start: float, end: float, metrics: Sequence[str],
+                    max_points: int = 2000) -> dict[tuple[str, int], dict[str, tuple[np.ndarray, np.ndarray]]]:
+        if self._station.cfg.no_db:
+            raise RuntimeError("history is off (started with --no-db)")
+        if not await self._station.wait_db(10.0):
+            raise RuntimeError(f"database unavailable: {self._station.db_error or 'still starting'}")
+        return await self._station.history.fetch(keys, start, end, metrics, max_points)  # type: ignore[no-any-return]
+
+    async def export_csv(self, keys: Sequence[tuple[str, int]], start: float, end: float, path: Any) -> int:
+        if not await self._station.wait_db(10.0):
+            raise RuntimeError("database unavailable")
+        return await self._station.history.export_csv(keys, start, end, path)  # type: ignore[no-any-return]
+
+
+def run_gui(cfg: StationConfig) -> int:
+    import qasync
+    from PySide6.QtWidgets import QApplication
+
+    from aether_desktop.widgets.main_window import MainWindow
+    from aether_desktop.widgets.state import QtState
+
+    problem = data_dir_ok(cfg.data_dir)
+    if problem:
+        print(f"aether: {problem}", file=sys.stderr)
+        return 2
+    app = QApplication.instance() or QApplication(sys.argv)
+    app.setApplicationName("Aether")
+    app.setOrganizationName("Aether")
+    loop = qasync.QEventLoop(app)
+    asyncio.set_event_loop(loop)
+
+    station = Station(cfg, sink=None)  # type: ignore[arg-type]
+    state = QtState(station.fleet)
+    station.sink = state
+    install_error_handlers(loop, state)
+    window = MainWindow(state, CommandProxy(station), HistoryProxy(station))
+    from aether_desktop.wiring import wire_gui, wire_services
+
+    wire_services(station)
+    closing = asyncio.Event()
+    wire_gui(station, state, window, app, closing)
+    window.start_demo_requested.connect(lambda: _start_demo(station, state))
+    app.aboutToQuit.connect(closing.set)
+    window.show()
+
+    async def main() -> None:
+        try:
+            await station.start()
+            if cfg.demo_hosts:
+                state.set_demo_active(True)
+        except Exception as exc:  # e.g. nats-server missing: show it, keep the window
+            log.exception("station failed to start")
+            state.post_notice("error", f"station failed to start: {exc}")
+        await closing.wait()
+        await station.stop()
+
+    with loop:
+        loop.run_until_complete(main())
+    return 0
+
+
+def _start_demo(station: Station, state: Any) -> None:
+    try:
+        station.start_demo()
+        state.set_demo_active(True)
+    except Exception as exc:  # nats not up yet, python missing: tell the operator
+        log.exception("demo start failed")
+        state.post_notice("error", f"could not start the demo fleet: {exc}")
+
+
+def install_error_handlers(loop: asyncio.AbstractEventLoop, state: Any) -> None:
+    """Errors in tasks and Qt slots are logged and shown, never lost (and never kill the app)."""
+
+    def loop_handler(_loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        msg = context.get("message", "error in a background task")
+        log.error("%s", msg, exc_info=exc)
+        state.post_notice("error", f"{msg}: {exc}" if exc else msg)
+
+    def hook(kind: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+        log.error("unhandled error: %s", "".join(traceback.format_exception(kind, exc, tb)))
+        state.post_notice("error", f"internal error: {exc}")
+
+    loop.set_exception_handler(loop_handler)
+    sys.excepthook = hook

@@ -1,0 +1,402 @@
+"""JetStream -> PostgreSQL ingest: every published sample stored exactly once.
+
+Agents publish telemetry and events with core NATS publishes; the streams
+``AETHER_TELEMETRY`` and ``AETHER_EVENTS`` capture them. This service reads
+both through durable pull consumers, writes each fetched batch in one
+transaction (:meth:`Store.write_batch`) and acks the messages only after
+commit. Whatever fails in between (station killed, database down, NATS
+restarted, an ack lost) ends in a redelivery, and the idempotent store turns
+that redelivery into a no-op: at-least-once delivery + idempotent writes =
+exactly-once storage.
+
+Per stream, a fetch task and a write task are joined by a one-slot queue, so
+decoding the next batch overlaps PostgreSQL's work on the current one, and
+memory stays bounded (at most three batches per stream) when the database is
+down: the writer keeps retrying its batch, the fetcher blocks, and the backlog
+stays in JetStream where :class:`IngestStatus` reports it as ``waiting``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import nats.errors
+import nats.js.errors
+import psycopg
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.js import api
+
+from aether_desktop.services.history import History
+from aether_desktop.services.store import Store
+from aether_protocol import subjects
+from aether_protocol.messages import Event, ProtocolError, Telemetry, decode_event, decode_telemetry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class IngestStatus:
+    db_ok: bool = True
+    nats_ok: bool = True
+    waiting: int = 0  # messages in the streams not yet stored (consumers' pending + unacked)
+    rows_written: int = 0  # GPU samples newly stored since start
+    events_written: int = 0
+    duplicates: int = 0  # samples/events skipped because already stored (redelivery, replay)
+    rejected: int = 0  # messages that broke the protocol (never stored)
+    last_error: str | None = None
+
+
+class RejectCounter:
+    """Rejected messages per reason (ProtocolError.reason, or ``db_refused``)."""
+
+    def __init__(self) -> None:
+        self._counts: Counter[str] = Counter()
+
+    def add(self, reason: str) -> None:
+        self._counts[reason] += 1
+
+    @property
+    def total(self) -> int:
+        return sum(self._counts.values())
+
+    def snapshot(self) -> dict[str, int]:
+        return dict(self._counts)
+
+
+StatusCallback = Callable[[IngestStatus], None]
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    kind: str  # "telemetry" | "events"
+    stream: str
+    subject: str
+
+
+def stream_specs(prefix: str) -> tuple[StreamSpec, StreamSpec]:
+    subjects.check_prefix(prefix)
+    return (
+        StreamSpec(
+            "telemetry",
+            subjects.stream_name(subjects.TELEMETRY_STREAM, prefix),
+            subjects.all_telemetry(prefix),
+        ),
+        StreamSpec(
+            "events", subjects.stream_name(subjects.EVENTS_STREAM, prefix), subjects.all_events(prefix)
+        ),
+    )
+
+
+async def ensure_streams(
+    js: Any, prefix: str = subjects.DEFAULT_PREFIX, *, max_age_s: float = 86400.0, duplicate_window_s: float = 120.0
+) -> None:
+    """Create the two streams, or bring an existing one to this configuration (idempotent)."""
+    for spec in stream_specs(prefix):
+        config = api.StreamConfig(
+            name=spec.stream,
+            subjects=[spec.subject],
+            storage=api.StorageType.FILE,
+            # LIMITS (not work-queue) retention: live viewers and other stations'
+            # durables can read the same messages; max_age bounds the disk.
+            retention=api.RetentionPolicy.LIMITS,
+            max_age=max_age_s,
+            duplicate_window=duplicate_window_s,
+        )
+        try:
+            info = await js.stream_info(spec.stream)
+        except nats.js.errors.NotFoundError:
+            await js.add_stream(config)
+            continue
+        current = info.config
+        if (
+            current.subjects != config.subjects
+            or current.max_age != config.max_age
+            or current.duplicate_window != config.duplicate_window
+        ):
+            await js.update_stream(config)
+
+
+class _Pipe:
+    """One stream's durable consumer and its fetch -> write hand-off."""
+
+    def __init__(self, spec: StreamSpec, sub: Any) -> None:
+        self.spec = spec
+        self.sub = sub
+        self.queue: asyncio.Queue[tuple[list[Msg], list[Any]]] = asyncio.Queue(maxsize=1)
+        self.waiting = 0
+
+
+class JetStreamIngest:
+    def __init__(
+        self,
+        nc: NatsClient,
+        store: Store,
+        *,
+        prefix: str = subjects.DEFAULT_PREFIX,
+        durable: str = "aether-store",
+        max_age_s: float = 86400.0,
+        duplicate_window_s: float = 120.0,
+        batch: int = 2000,
+        fetch_timeout_s: float = 0.2,
+        ack_wait_s: float = 60.0,
+        max_backoff_s: float = 5.0,
+        status_interval_s: float = 1.0,
+        rollup_interval_s: float | None = 5.0,
+        on_status: StatusCallback | None = None,
+        rejects: RejectCounter | None = None,
+    ) -> None:
+        self._nc = nc
+        self._store = store
+        self._prefix = prefix
+        self._durable = durable
+        self._max_age_s = max_age_s
+        self._dup_window_s = duplicate_window_s
+        self._batch = batch
+        self._fetch_timeout_s = fetch_timeout_s
+        self._ack_wait_s = ack_wait_s
+        self._max_backoff_s = max_backoff_s
+        self._status_interval_s = status_interval_s
+        self._rollup_interval_s = rollup_interval_s
+        self._on_status = on_status
+        self.rejects = rejects or RejectCounter()
+        self._status = IngestStatus()
+        self._pipes: list[_Pipe] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stop = asyncio.Event()
+        self._rows_since_rollup = 0
+
+    @property
+    def status(self) -> IngestStatus:
+        return self._status
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        js = self._nc.jetstream()
+        await ensure_streams(js, self._prefix, max_age_s=self._max_age_s, duplicate_window_s=self._dup_window_s)
+        self._stop.clear()
+        for spec in stream_specs(self._prefix):
+            durable = f"{self._durable}-{spec.kind}"
+            config = api.ConsumerConfig(
+                durable_name=durable,
+                ack_policy=api.AckPolicy.EXPLICIT,
+                deliver_policy=api.DeliverPolicy.ALL,
+                ack_wait=self._ack_wait_s,
+                # Unlimited redeliveries: a message the database could not take
+                # yet must never be dropped by the server.
+                max_deliver=-1,
+                max_ack_pending=self._batch * 4,
+            )
+            sub = await js.pull_subscribe(spec.subject, durable=durable, stream=spec.stream, config=config)
+            pipe = _Pipe(spec, sub)
+            self._pipes.append(pipe)
+            self._tasks.append(asyncio.create_task(self._fetch_loop(pipe), name=f"ingest-fetch-{spec.kind}"))
+            self._tasks.append(asyncio.create_task(self._write_loop(pipe), name=f"ingest-write-{spec.kind}"))
+        self._tasks.append(asyncio.create_task(self._status_loop(), name="ingest-status"))
+        if self._rollup_interval_s:
+            self._tasks.append(asyncio.create_task(self._rollup_loop(), name="ingest-rollup"))
+
+    async def stop(self, *, grace_s: float = 5.0) -> None:
+        """Finish the batch in flight if it can within ``grace_s``; un-acked
+        messages are simply redelivered to the next run."""
+        self._stop.set()
+        if self._tasks:
+            _, pending = await asyncio.wait(self._tasks, timeout=grace_s)
+            for t in pending:
+                t.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        for pipe in self._pipes:
+            with contextlib.suppress(nats.errors.Error):
+                await pipe.sub.unsubscribe()
+        self._pipes.clear()
+        if self._nc.is_connected:
+            with contextlib.suppress(nats.errors.Error, asyncio.TimeoutError):
+                await self._nc.flush(timeout=2)  # push the last acks out
+
+    # ------------------------------------------------------------------ loops
+
+    async def _fetch_loop(self, pipe: _Pipe) -> None:
+        decode = decode_telemetry if pipe.spec.kind == "telemetry" else decode_event
+        while not self._stop.is_set():
+            try:
+                msgs = await pipe.sub.fetch(self._batch, timeout=self._fetch_timeout_s)
+            except nats.errors.TimeoutError:
+                continue  # nothing new (or NATS reconnecting: the client retries)
+            except nats.errors.Error as exc:
+                self._update(nats_ok=False, last_error=f"NATS: {exc!r}")
+                await self._sleep(1.0)
+                continue
+            good: list[Msg] = []
+            decoded: list[Any] = []
+            for m in msgs:
+                try:
+                    decoded.append(decode(m.data))
+                except ProtocolError as exc:
+                    log.warning("rejected %s message on %s: %s", pipe.spec.kind, m.subject, exc)
+                    self.rejects.add(exc.reason)
+                    await self._term(m)
+                    continue
+                good.append(m)
+            if self._status.rejected != self.rejects.total:
+                self._update(rejected=self.rejects.total)
+            if good and not await self._put(pipe, (good, decoded)):
+                return
+
+    async def _write_loop(self, pipe: _Pipe) -> None:
+        while True:
+            get = asyncio.ensure_future(pipe.queue.get())
+            stop = asyncio.ensure_future(self._stop.wait())
+            await asyncio.wait({get, stop}, return_when=asyncio.FIRST_COMPLETED)
+            stop.cancel()
+            if not get.done():
+                get.cancel()
+                return
+            msgs, decoded = get.result()
+            if not await self._write_with_retry(pipe, msgs, decoded):
+                return  # stopping: the batch stays un-acked and is redelivered later
+
+    async def _write_with_retry(self, pipe: _Pipe, msgs: list[Msg], decoded: list[Any]) -> bool:
+        delay = 0.1
+        last_progress = time.monotonic()
+        while True:
+            try:
+                await self._write(pipe, decoded)
+            except (psycopg.DataError, psycopg.IntegrityError) as exc:
+                # Valid protocol, but PostgreSQL refuses something in it (e.g. a
+                # NUL character in a string): isolate the offending messages
+                # instead of blocking the stream forever.
+                log.warning("database refused a %s batch (%s); writing one by one", pipe.spec.kind, exc)
+                await self._write_individually(pipe, msgs, decoded)
+                return True
+            except psycopg.Error as exc:  # connection refused, server restarting, pool timeout ...
+                self._update(db_ok=False, last_error=f"database: {exc}".strip())
+            except Exception as exc:  # noqa: BLE001 - e.g. a failing event hook: retry, never drop data
+                log.exception("storing a %s batch failed", pipe.spec.kind)
+                self._update(db_ok=False, last_error=f"store: {exc!r}")
+            else:
+                await self._ack(msgs)
+                return True
+            if self._stop.is_set():
+                return False
+            if time.monotonic() - last_progress > self._ack_wait_s / 2:
+                # Keep the held batch from being redelivered while we wait.
+                last_progress = time.monotonic()
+                for m in msgs:
+                    with contextlib.suppress(nats.errors.Error):
+                        await m.in_progress()
+            await self._sleep(delay)
+            delay = min(delay * 2, self._max_backoff_s)
+
+    async def _write(self, pipe: _Pipe, decoded: Sequence[Any]) -> None:
+        if pipe.spec.kind == "telemetry":
+            res = await self._store.write_batch(decoded, [])
+        else:
+            res = await self._store.write_batch([], decoded)
+        self._rows_since_rollup += res.telemetry_rows
+        s = self._status
+        self._update(
+            db_ok=True,
+            last_error=None if not s.db_ok else s.last_error,
+            rows_written=s.rows_written + res.telemetry_rows,
+            events_written=s.events_written + res.events,
+            duplicates=s.duplicates + res.telemetry_duplicates + res.event_duplicates,
+        )
+
+    async def _write_individually(self, pipe: _Pipe, msgs: list[Msg], decoded: list[Any]) -> None:
+        for m, d in zip(msgs, decoded, strict=True):
+            while True:
+                try:
+                    await self._write(pipe, [d])
+                except (psycopg.DataError, psycopg.IntegrityError) as exc:
+                    log.warning("database refused %s message on %s: %s", pipe.spec.kind, m.subject, exc)
+                    self.rejects.add("db_refused")
+                    self._update(rejected=self.rejects.total)
+                    await self._term(m)
+                except psycopg.Error as exc:
+                    self._update(db_ok=False, last_error=f"database: {exc}".strip())
+                    if self._stop.is_set():
+                        return
+                    await self._sleep(self._max_backoff_s)
+                    continue
+                else:
+                    await self._ack([m])
+                break
+
+    async def _status_loop(self) -> None:
+        while not self._stop.is_set():
+            waiting = 0
+            for pipe in self._pipes:
+                try:
+                    info = await pipe.sub.consumer_info()
+                    pipe.waiting = int(info.num_pending or 0) + int(info.num_ack_pending or 0)
+                except (nats.errors.Error, asyncio.TimeoutError) as exc:
+                    log.debug("consumer info for %s unavailable: %r", pipe.spec.kind, exc)
+                waiting += pipe.waiting
+            self._update(waiting=waiting, nats_ok=self._nc.is_connected)
+            await self._sleep(self._status_interval_s)
+
+    async def _rollup_loop(self) -> None:
+        assert self._rollup_interval_s is not None
+        history = History(self._store.pool)
+        while not self._stop.is_set():
+            await self._sleep(self._rollup_interval_s)
+            if self._rows_since_rollup == 0:
+                continue
+            written = self._rows_since_rollup
+            try:
+                await history.refresh_rollups()
+            except psycopg.Error as exc:
+                log.info("rollup refresh postponed: %s", exc)
+                continue
+            self._rows_since_rollup -= written
+
+    # ------------------------------------------------------------------ helpers
+
+    async def _put(self, pipe: _Pipe, item: tuple[list[Msg], list[Any]]) -> bool:
+        """Hand a batch to the writer; False when stopping first (the batch is
+        then never acked and comes back to the next run)."""
+        put = asyncio.ensure_future(pipe.queue.put(item))
+        stop = asyncio.ensure_future(self._stop.wait())
+        await asyncio.wait({put, stop}, return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        if put.done():
+            return True
+        put.cancel()
+        return False
+
+    async def _ack(self, msgs: Sequence[Msg]) -> None:
+        # Plain (not synchronous) acks: a lost ack only means a redelivery,
+        # which the idempotent store absorbs.
+        try:
+            for m in msgs:
+                await m.ack()
+        except nats.errors.Error as exc:
+            log.info("acks not sent (%r); the messages will be redelivered and skipped", exc)
+
+    async def _term(self, m: Msg) -> None:
+        with contextlib.suppress(nats.errors.Error):
+            await m.term()
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), timeout=seconds)
+
+    def _update(self, **changes: Any) -> None:
+        new = replace(self._status, **changes)
+        if new == self._status:
+            return
+        self._status = new
+        if self._on_status is not None:
+            try:
+                self._on_status(new)
+            except Exception:  # noqa: BLE001 - a UI callback must not stop storage
+                log.exception("on_status callback failed")
