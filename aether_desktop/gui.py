@@ -50,6 +50,28 @@ class HistoryProxy:
         return await self._station.history.export_csv(keys, start, end, path)  # type: ignore[no-any-return]
 
 
+# What Qt 6.5+'s xcb plugin loads beyond a plain X11 client (found missing on minimal Debian images).
+X11_LIBS = ("xcb-cursor", "xcb-icccm", "xcb-keysyms", "xkbcommon-x11")
+
+
+def missing_display_libs() -> str | None:
+    """Qt aborts the process without xcb-cursor on X11; say what to install instead of dying."""
+    import ctypes.util
+    import os
+
+    if sys.platform != "linux" or os.environ.get("QT_QPA_PLATFORM") or os.environ.get("WAYLAND_DISPLAY"):
+        return None
+    if not os.environ.get("DISPLAY"):
+        return "no display: set DISPLAY (or run 'aether --headless', or QT_QPA_PLATFORM=offscreen)"
+    missing = [lib for lib in X11_LIBS if ctypes.util.find_library(lib) is None]
+    if missing:
+        return ("Qt's X11 plugin needs these system libraries: " + ", ".join("lib" + m for m in missing)
+                + ". Debian/Ubuntu: sudo apt-get install libxcb-cursor0 libxcb-icccm4 libxcb-keysyms1 "
+                "libxkbcommon-x11-0 (Fedora: xcb-util-cursor xcb-util-wm xcb-util-keysyms); "
+                "or run 'aether --headless'")
+    return None
+
+
 def run_gui(cfg: StationConfig) -> int:
     import qasync
     from PySide6.QtWidgets import QApplication
@@ -57,7 +79,7 @@ def run_gui(cfg: StationConfig) -> int:
     from aether_desktop.widgets.main_window import MainWindow
     from aether_desktop.widgets.state import QtState
 
-    problem = data_dir_ok(cfg.data_dir)
+    problem = data_dir_ok(cfg.data_dir) or missing_display_libs()
     if problem:
         print(f"aether: {problem}", file=sys.stderr)
         return 2

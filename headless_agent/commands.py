@@ -7,6 +7,7 @@ job_started, ...) are handed to ``emit``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -81,17 +82,17 @@ class CommandHandler:
                 if busy:
                     raise BackendError(f"GPU {busy[0]} is running a job; cancel it or wait before sleeping")
                 # Pass None through: "every GPU" skips lost ones, an explicit lost GPU is an error.
-                self.backend.sleep(gpus)
+                await self._call(self.backend.sleep, gpus)
                 self.emit("sleep", gpus=targets)
                 return {"gpus": targets}
             case WakeCmd(gpus=gpus):
                 targets = resolve_gpus(gpus, self.backend.gpu_count())
-                self.backend.wake(gpus)
+                await self._call(self.backend.wake, gpus)
                 self.emit("wake", gpus=targets)
                 return {"gpus": targets}
             case SetPowerLimitCmd(gpus=gpus, watts=watts):
                 targets = resolve_gpus(gpus, self.backend.gpu_count())
-                self.backend.set_power_limit(gpus, watts)
+                await self._call(self.backend.set_power_limit, gpus, watts)
                 return {"gpus": targets, "watts": watts}
             case RunJobCmd(job=job):
                 return await self._run_job(job)
@@ -113,6 +114,11 @@ class CommandHandler:
                     raise BackendError(str(exc)) from exc
                 return {"spec": spec}
         raise BackendError(f"unsupported op {type(cmd).__name__}")
+
+    @staticmethod
+    async def _call(fn: Callable[..., None], *args: object) -> None:
+        # NVML control calls can block for seconds on a sick GPU: keep the loop (ticks, replies) free.
+        await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
     def busy_gpus(self) -> set[int]:
         if self.runner is not None:

@@ -29,6 +29,7 @@ import numpy as np
 import numpy.typing as npt
 
 from aether_desktop.services.features import (
+    FEATURE_GUARD,
     FEATURE_KIND,
     FEATURE_NAMES,
     N_FEATURES,
@@ -50,6 +51,7 @@ DEFAULT_GROUP = "*"
 TRUSTED_TYPES: tuple[str, ...] = ("sklearn.tree._tree.Tree",)
 HYST_K, HYST_N = 3, 5  # must match AlertPolicy's "model" detector (threshold is chosen for it)
 MIN_ROWS_PER_GROUP = 20_000
+RANGE_WEIGHT = 0.1  # score per e-fold of distance beyond the training range (in robust spreads)
 SAMPLES_PER_WEEK = 7 * 24 * 3600
 
 
@@ -142,6 +144,8 @@ class AnomalyModel:
     params: FeatureParams
     feature_median: F64
     feature_scale: F64
+    feature_lo: F64
+    feature_hi: F64
     info: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -159,7 +163,10 @@ class AnomalyModel:
 
     def score(self, x: F64, group: I64) -> tuple[F64, F64]:
         """One batched call for the whole fleet: (scores, per-row thresholds)."""
-        return self._flat.score(x, group), self._thr[group]
+        return self._flat.score(x, group) + self.range_excess(x), self._thr[group]
+
+    def range_excess(self, x: F64) -> F64:
+        return range_excess(x, self.feature_scale, self.feature_lo, self.feature_hi)
 
     def explain(self, x: F64) -> I64:
         """Index of the feature that deviates most from normal, per row (what to tell the operator)."""
@@ -167,6 +174,22 @@ class AnomalyModel:
         z[:, FEATURE_NAMES.index("util")] = 0.0  # load level is context, never the culprit
         out: I64 = np.argmax(z, axis=1)
         return out
+
+
+def range_excess(x: F64, scale: F64, lo: F64, hi: F64) -> F64:
+    """Score added for values beyond the training range (on the suspicious side only).
+
+    An isolation tree routes 50 MiB/s of memory growth exactly like the largest
+    growth it saw in training (0.6 MiB/s): its score saturates at the edge of
+    normal. This term keeps "far outside" above "at the edge".
+    """
+    lo_side = np.array([g[0] for g in FEATURE_GUARD])
+    hi_side = np.array([g[1] for g in FEATURE_GUARD])
+    over = np.where(hi_side, (x - hi) / scale, 0.0)
+    under = np.where(lo_side, (lo - x) / scale, 0.0)
+    worst = np.maximum(np.maximum(over, under).max(axis=1), 0.0)
+    out: F64 = RANGE_WEIGHT * np.log1p(worst)
+    return out
 
 
 def feature_kind(index: int) -> str:
@@ -311,6 +334,10 @@ def train(train_ticks: Sequence[Sequence[Telemetry]], val_ticks: Sequence[Sequen
     forests: dict[str, Any] = {}
     thresholds: dict[str, float] = {}
     groups_info: dict[str, Any] = {}
+    med = np.median(x, axis=0)
+    hi, lo = np.quantile(x, 0.999, axis=0), np.quantile(x, 0.001, axis=0)
+    scale = np.maximum(np.maximum(hi - med, med - lo), 1e-3)
+    f_lo, f_hi = x.min(axis=0), x.max(axis=0)
     candidates = [n for n in sorted(set(names)) if (name_arr == n).sum() >= MIN_ROWS_PER_GROUP
                   and (vname_arr == n).sum() >= MIN_ROWS_PER_GROUP // 4]
     plan = [(DEFAULT_GROUP, np.ones(len(x), bool), np.ones(len(xv), bool))]
@@ -319,13 +346,10 @@ def train(train_ticks: Sequence[Sequence[Telemetry]], val_ticks: Sequence[Sequen
         progress(0.55 + 0.4 * i / len(plan), f"training forest for {group}")
         forest = IsolationForest(n_estimators=n_estimators, max_samples=256, random_state=seed).fit(x[sel])
         forests[group] = forest
-        vs = -forest.score_samples(xv[vsel]) if vsel.any() else np.zeros(0)
+        vs = -forest.score_samples(xv[vsel]) + range_excess(xv[vsel], scale, f_lo, f_hi) if vsel.any() else np.zeros(0)
         vk = [k for k, s in zip(vkeys, vsel, strict=True) if s]
         thresholds[group], fig = choose_threshold(vs, vk, target_per_gpu_week, margin)
         groups_info[group] = {"train_rows": int(sel.sum()), "val_rows": int(vsel.sum()), **fig}
-    med = np.median(x, axis=0)
-    hi, lo = np.quantile(x, 0.999, axis=0), np.quantile(x, 0.001, axis=0)
-    scale = np.maximum(np.maximum(hi - med, med - lo), 1e-3)
     tr_ts = [m.ts for tick in train_ticks for m in tick]
     va_ts = [m.ts for tick in val_ticks for m in tick]
     info = {"origin": origin, "n_samples": int(len(x) + len(xv)),
@@ -335,7 +359,7 @@ def train(train_ticks: Sequence[Sequence[Telemetry]], val_ticks: Sequence[Sequen
             target_per_gpu_week, "hysteresis": [HYST_K, HYST_N], "train_seconds": time.perf_counter() - t0,
             "created": time.time()}
     progress(1.0, "done")
-    return AnomalyModel(forests, thresholds, params, med, scale, info)
+    return AnomalyModel(forests, thresholds, params, med, scale, f_lo, f_hi, info)
 
 
 def bootstrap(seed: int = 0, progress: Progress = _noop, hosts: int = 4, gpus: int = 8,
@@ -384,7 +408,8 @@ class ModelStore:
         model.info["version"] = version
         sio.dump(model.forests, self.folder / f"anomaly-{version}.skops")
         side = {"info": model.info, "thresholds": model.thresholds, "params": model.params.to_json(),
-                "feature_median": model.feature_median.tolist(), "feature_scale": model.feature_scale.tolist()}
+                "feature_median": model.feature_median.tolist(), "feature_scale": model.feature_scale.tolist(),
+                "feature_lo": model.feature_lo.tolist(), "feature_hi": model.feature_hi.tolist()}
         tmp = self.folder / f"anomaly-{version}.json.tmp"
         tmp.write_text(json.dumps(side, indent=1))
         tmp.replace(self.folder / f"anomaly-{version}.json")  # the sidecar last: it marks a complete save
@@ -402,7 +427,8 @@ class ModelStore:
         side = json.loads((self.folder / f"anomaly-v{n}.json").read_text())
         return AnomalyModel(dict(forests), {k: float(v) for k, v in side["thresholds"].items()},
                             FeatureParams.from_json(side["params"]), np.array(side["feature_median"]),
-                            np.array(side["feature_scale"]), side["info"])
+                            np.array(side["feature_scale"]), np.array(side["feature_lo"]),
+                            np.array(side["feature_hi"]), side["info"])
 
     def load_latest(self) -> AnomalyModel | None:
         """Newest version that loads; a corrupt or foreign file is skipped with a warning."""

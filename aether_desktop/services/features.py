@@ -46,6 +46,12 @@ FEATURE_KIND: tuple[str, ...] = (
     "thermal_anomaly", "thermal_anomaly", "stuck_sensor", "power_anomaly", "memory_leak",
     "memory_leak", "clock_anomaly", "clock_anomaly", "thermal_anomaly",
 )
+# Which side of a feature's normal range is suspicious (low, high). Used by the
+# model's range guard: a cool GPU (large headroom) or freed memory is never alarming.
+FEATURE_GUARD: tuple[tuple[bool, bool], ...] = (
+    (True, True), (True, True), (False, True), (False, True), (False, True),
+    (False, True), (False, True), (True, False), (False, False),
+)
 N_FEATURES = len(FEATURE_NAMES)
 F64 = npt.NDArray[np.float64]
 I64 = npt.NDArray[np.int64]

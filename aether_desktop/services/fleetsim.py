@@ -283,8 +283,12 @@ class FleetSim:
         job_slow = np.maximum.reduceat(slow[self._idx], self._off)
         return self.now + float((self._rem * job_slow).min())
 
-    def advance(self, until: float) -> list[SimOutcome]:
-        """Run the fleet to ``until`` and return the jobs that ended, in time order."""
+    def advance(self, until: float, stop_at_end: bool = False) -> list[SimOutcome]:
+        """Run the fleet to ``until`` and return the jobs that ended, in time order.
+
+        With ``stop_at_end`` it returns as soon as any job has ended (``now`` is
+        then that moment), so a replay can use the freed GPUs at once.
+        """
         done: list[SimOutcome] = []
         while self.now < until - 1e-9:
             if not self.runs:
@@ -312,6 +316,8 @@ class FleetSim:
             done.extend(self._check_oom(t_end))
             done.extend(self._check_thermal(t_end, dt))
             self.now = t_end
+            if stop_at_end and done:
+                break
         return done
 
     def _prepare(self) -> None:

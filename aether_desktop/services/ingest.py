@@ -37,7 +37,7 @@ from nats.js import api
 from aether_desktop.services.history import History
 from aether_desktop.services.store import Store
 from aether_protocol import subjects
-from aether_protocol.messages import Event, ProtocolError, Telemetry, decode_event, decode_telemetry
+from aether_protocol.messages import ProtocolError, decode_event, decode_telemetry
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,11 @@ def stream_specs(prefix: str) -> tuple[StreamSpec, StreamSpec]:
 
 
 async def ensure_streams(
-    js: Any, prefix: str = subjects.DEFAULT_PREFIX, *, max_age_s: float = 86400.0, duplicate_window_s: float = 120.0
+    js: Any,
+    prefix: str = subjects.DEFAULT_PREFIX,
+    *,
+    max_age_s: float = 86400.0,
+    duplicate_window_s: float = 120.0,
 ) -> None:
     """Create the two streams, or bring an existing one to this configuration (idempotent)."""
     for spec in stream_specs(prefix):
@@ -181,7 +185,9 @@ class JetStreamIngest:
 
     async def start(self) -> None:
         js = self._nc.jetstream()
-        await ensure_streams(js, self._prefix, max_age_s=self._max_age_s, duplicate_window_s=self._dup_window_s)
+        await ensure_streams(
+            js, self._prefix, max_age_s=self._max_age_s, duplicate_window_s=self._dup_window_s
+        )
         self._stop.clear()
         for spec in stream_specs(self._prefix):
             durable = f"{self._durable}-{spec.kind}"
@@ -219,7 +225,7 @@ class JetStreamIngest:
                 await pipe.sub.unsubscribe()
         self._pipes.clear()
         if self._nc.is_connected:
-            with contextlib.suppress(nats.errors.Error, asyncio.TimeoutError):
+            with contextlib.suppress(TimeoutError, nats.errors.Error):
                 await self._nc.flush(timeout=2)  # push the last acks out
 
     # ------------------------------------------------------------------ loops
@@ -338,7 +344,7 @@ class JetStreamIngest:
                 try:
                     info = await pipe.sub.consumer_info()
                     pipe.waiting = int(info.num_pending or 0) + int(info.num_ack_pending or 0)
-                except (nats.errors.Error, asyncio.TimeoutError) as exc:
+                except (TimeoutError, nats.errors.Error) as exc:
                     log.debug("consumer info for %s unavailable: %r", pipe.spec.kind, exc)
                 waiting += pipe.waiting
             self._update(waiting=waiting, nats_ok=self._nc.is_connected)
@@ -387,7 +393,7 @@ class JetStreamIngest:
             await m.term()
 
     async def _sleep(self, seconds: float) -> None:
-        with contextlib.suppress(asyncio.TimeoutError):
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stop.wait(), timeout=seconds)
 
     def _update(self, **changes: Any) -> None:

@@ -199,36 +199,17 @@ def _record(row: Sequence[Any]) -> JobRecord:
      resubmit_of, submitted_by, state, reason, submitted_at, dispatched_at, started_at, ended_at,
      not_before, cancel_requested_at, host, gpus, exit_code, decision) = row  # fmt: skip
     request = JobRequest(
-        id=jid,
-        argv=tuple(argv),
-        num_gpus=num_gpus,
-        host=req_host,
-        gpus=tuple(req_gpus) if req_gpus is not None else None,
-        mem_mib=mem_mib,
-        kind=kind,
-        expected_s=expected_s,
-        priority=priority,
-        deadline_ts=_ts(deadline_at),
-        env=dict(env or {}),
-        cwd=cwd,
-        submitted_ts=submitted_at.timestamp(),
-    )
+        id=jid, argv=tuple(argv), num_gpus=num_gpus, host=req_host,
+        gpus=tuple(req_gpus) if req_gpus is not None else None, mem_mib=mem_mib, kind=kind,
+        expected_s=expected_s, priority=priority, deadline_ts=_ts(deadline_at), env=dict(env or {}),
+        cwd=cwd, submitted_ts=submitted_at.timestamp(),
+    )  # fmt: skip
     return JobRecord(
-        request=request,
-        state=state,
-        reason=reason,
-        dispatched_ts=_ts(dispatched_at),
-        started_ts=_ts(started_at),
-        ended_ts=_ts(ended_at),
-        not_before_ts=_ts(not_before),
-        cancel_requested_ts=_ts(cancel_requested_at),
-        host=host,
-        gpus=tuple(gpus or ()),
-        exit_code=exit_code,
-        decision=decision,
-        resubmit_of=resubmit_of,
-        submitted_by=submitted_by,
-    )
+        request=request, state=state, reason=reason, dispatched_ts=_ts(dispatched_at),
+        started_ts=_ts(started_at), ended_ts=_ts(ended_at), not_before_ts=_ts(not_before),
+        cancel_requested_ts=_ts(cancel_requested_at), host=host, gpus=tuple(gpus or ()),
+        exit_code=exit_code, decision=decision, resubmit_of=resubmit_of, submitted_by=submitted_by,
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------- repository
@@ -248,36 +229,33 @@ class JobRepository:
 
     # ----------------------------------------------------------------- queries
 
-    async def get(self, job_id: str) -> JobRecord | None:
+    async def _select(self, tail: str, params: Sequence[Any] | dict[str, Any]) -> list[JobRecord]:
         async with self._pool.connection() as conn:
-            cur = await conn.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = %s", (job_id,))
-            row = await cur.fetchone()
-        return _record(row) if row else None
+            cur = await conn.execute(f"SELECT {_COLUMNS} FROM jobs {tail}", params)
+            return [_record(r) for r in await cur.fetchall()]
+
+    async def get(self, job_id: str) -> JobRecord | None:
+        found = await self._select("WHERE id = %s", (job_id,))
+        return found[0] if found else None
 
     async def list_jobs(self, *, states: Iterable[str] | None = None, limit: int = 500) -> list[JobRecord]:
         """Newest first; ``states`` narrows to those states."""
         where = "WHERE state = ANY(%(states)s)" if states is not None else ""
-        q = f"SELECT {_COLUMNS} FROM jobs {where} ORDER BY submitted_at DESC, id LIMIT %(limit)s"
-        async with self._pool.connection() as conn:
-            cur = await conn.execute(q, {"states": list(states or ()), "limit": limit})
-            return [_record(r) for r in await cur.fetchall()]
+        tail = f"{where} ORDER BY submitted_at DESC, id LIMIT %(limit)s"
+        return await self._select(tail, {"states": list(states or ()), "limit": limit})
 
     async def pending(self, now: float, limit: int = 100) -> list[JobRecord]:
         """The dispatch queue: pending, not deferred past ``now``, by priority then age."""
-        q = (
-            f"SELECT {_COLUMNS} FROM jobs WHERE state = 'pending' AND cancel_requested_at IS NULL "
-            "AND (not_before IS NULL OR not_before <= %s) ORDER BY priority DESC, submitted_at, id LIMIT %s"
+        tail = (
+            "WHERE state = 'pending' AND cancel_requested_at IS NULL AND (not_before IS NULL OR not_before <= %s) "
+            "ORDER BY priority DESC, submitted_at, id LIMIT %s"
         )
-        async with self._pool.connection() as conn:
-            cur = await conn.execute(q, (_dt(now), limit))
-            return [_record(r) for r in await cur.fetchall()]
+        return await self._select(tail, (_dt(now), limit))
 
     async def overdue_dispatched(self, before: float) -> list[JobRecord]:
         """Dispatched before ``before`` and still not reported started."""
-        q = f"SELECT {_COLUMNS} FROM jobs WHERE state = 'dispatched' AND dispatched_at < %s ORDER BY dispatched_at"
-        async with self._pool.connection() as conn:
-            cur = await conn.execute(q, (_dt(before),))
-            return [_record(r) for r in await cur.fetchall()]
+        return await self._select("WHERE state = 'dispatched' AND dispatched_at < %s ORDER BY dispatched_at",
+                                  (_dt(before),))  # fmt: skip
 
     async def history(self, job_id: str) -> list[dict[str, Any]]:
         """The job's events, oldest first (for the details pane and for tests)."""

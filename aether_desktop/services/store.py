@@ -482,6 +482,10 @@ class Store:
             # one failed check instead of a failed batch.
             check=AsyncConnectionPool.check_connection,
             configure=_configure_connection,
+            # Give up a broken connection's background reconnect loop quickly:
+            # its backoff grows to minutes, whereas a pool below size connects
+            # on demand at the next checkout, so recovery follows the database.
+            reconnect_timeout=10.0,
             name="aether-store",
         )
         await pool.open(wait=True, timeout=timeout)

@@ -66,7 +66,7 @@ class GpuPlots(QWidget):
         self._request = 0
         self._loading = False
         self._dirty = True
-        self._hover_metric = 0
+        self._live_sig: tuple[object, ...] = ()
 
         self.range_combo = QComboBox()
         for label, _span in RANGES:
@@ -157,6 +157,7 @@ class GpuPlots(QWidget):
         if keys == self._keys:
             return
         self._keys = keys
+        self._live_sig = ()
         self._build_curves()
         self._data = {}
         self._reload()
@@ -236,6 +237,13 @@ class GpuPlots(QWidget):
         if not self._keys or any(r is None for r in rows):
             return
         now = self._state.now()
+        # The plotted window moves in whole seconds and changes only when one of
+        # the plotted hosts reports: skip the other frames (most of them at 10 Hz).
+        hosts = [self._fleet.host(h) for h in {k[0] for k in self._keys}]
+        sig = (math.floor(now), tuple(self._keys), sum(h.messages for h in hosts if h is not None))
+        if sig == self._live_sig:
+            return
+        self._live_sig = sig
         span = int(RANGES[LIVE][1] or 300)
         t = self._fleet.time_axis(now)[-span:]
         data: HistoryData = {k: {} for k in self._keys}

@@ -367,3 +367,24 @@ async def test_running_dispatchers_hand_over_on_stop(
     await until(b_active)
     await b.stop()
     assert await _advisory_holders(repo) == []
+
+
+async def test_the_real_scheduler_places_through_the_dispatcher(
+    repo: JobRepository, pg_dsn: str, bus: Bus, agent: Agent
+) -> None:
+    from aether_desktop.services.scheduler import Scheduler
+    from aether_desktop.services.scheduler_model import generate_training_data, train
+
+    model = train(generate_training_data(n_jobs=400, seed=0, fleets=1), rounds=10)
+    d = make(repo, pg_dsn, bus, [gpu("node-1", i) for i in range(4)], placer=Scheduler(model))
+    await repo.submit(req("fits", num_gpus=2, mem_mib=8000.0))
+    await repo.submit(req("never", num_gpus=9, submitted_ts=T0 + 1))
+    assert await d.try_acquire()
+    await d.tick()
+    fits, never = await state(repo, "fits"), await state(repo, "never")
+    assert fits.state == "dispatched" and fits.host == "node-1" and len(fits.gpus) == 2
+    assert fits.decision is not None and fits.decision["candidates_total"] >= 1
+    assert fits.decision["model_version"] == model.version
+    assert never.state == "rejected" and never.reason is not None and "9 GPUs" in never.reason
+    assert isinstance(agent.commands[0], RunJobCmd)
+    await d.stop()

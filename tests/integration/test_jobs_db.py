@@ -259,3 +259,25 @@ def test_cli_submit_rejects_invalid_input(pg_dsn: str, capsys: pytest.CaptureFix
     assert "--mem" in err and "--expected" in err
     assert submit.main(["--db", pg_dsn, "--gpus", "1"]) == 2  # no command
     assert "command" in capsys.readouterr().err
+
+
+async def test_store_hook_applies_job_events_once(pg_dsn: str) -> None:
+    """The real path: events written by the Store run the hook inside its transaction."""
+    from aether_desktop.services.store import Store
+
+    store = Store(pg_dsn)
+    await store.open()
+    try:
+        repo = JobRepository(store.pool)
+        store.add_event_hook(repo.apply_events)
+        await repo.submit(_req("j1"))
+        assert await repo.mark_dispatched("j1", _place(), T0 + 1)
+        batch = [_event("job_started", "j1", "e1", T0 + 2), _event("job_finished", "j1", "e2", T0 + 9, exit_code=0)]
+        await store.write_batch([], batch)
+        await store.write_batch([], batch)  # redelivered by JetStream
+        rec = await repo.get("j1")
+        assert rec is not None and (rec.state, rec.started_ts, rec.ended_ts) == ("finished", T0 + 2, T0 + 9)
+        assert [e["kind"] for e in await repo.history("j1")] == ["submitted", "dispatched", "job_started",
+                                                                "job_finished"]  # fmt: skip
+    finally:
+        await store.close()

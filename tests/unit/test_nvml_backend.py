@@ -425,3 +425,13 @@ def test_init_once_and_close_frees_everything(fake: FakeNvml, tmp_path: Path) ->
 def test_bad_arguments_rejected(fake: FakeNvml) -> None:
     with pytest.raises(ValueError):
         NvmlBackend(fake, read_timeout_s=0)
+
+
+def test_close_with_a_hung_gpu_returns_and_leaves_nvml_alone(fake: FakeNvml, tmp_path: Path) -> None:
+    fake.gpus[0].hangs.add("nvmlDeviceGetTemperature")
+    b = NvmlBackend(fake, read_timeout_s=TIMEOUT_S, proc_root=tmp_path)
+    b.read(0.0)
+    started = time.monotonic()
+    b.close()
+    assert time.monotonic() - started < 2.0  # generous: a join on the hung worker would take 30 s
+    assert fake.shutdowns == 0  # nvmlShutdown could block on the call still inside the driver

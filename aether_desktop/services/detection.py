@@ -1,0 +1,183 @@
+"""The detection pipeline: rules + batched anomaly model + alert lifecycle, once per tick.
+
+The station hands it every decoded telemetry message (``add``, cheap: it only
+queues) and calls ``tick`` once per second; ``aether detect`` and the
+evaluation drive the very same object from a recording (``run_offline``), so
+what is measured is what runs.
+
+Per tick: the rules look at every new GPU sample; the feature extractor
+advances every GPU that reported; all valid feature rows of the fleet are
+scored in one batched call; findings go through the alert manager's
+hysteresis and grouping; the resulting changes are returned (and emitted to
+the manager's listeners).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from aether_desktop.services.alerts import AlertChange, AlertManager, AlertPolicy
+from aether_desktop.services.anomaly import AnomalyModel
+from aether_desktop.services.features import FEATURE_KIND, FEATURE_NAMES, Columns, FeatureExtractor
+from aether_desktop.services.rules import Finding, RuleEngine, RulesConfig
+from aether_protocol import GpuSample, Telemetry
+
+log = logging.getLogger("aether.detection")
+_F = {n: i for i, n in enumerate(FEATURE_NAMES)}
+
+
+@dataclass
+class DetectionStats:
+    messages: int = 0
+    stale_dropped: int = 0  # out-of-order or replayed messages (time went backwards for a host)
+    samples: int = 0
+    scored: int = 0
+    anomalous: int = 0
+    last_tick_ms: float = 0.0
+
+
+class DetectionPipeline:
+    """Rules + model + lifecycle. Not thread-safe: call from the event loop only."""
+
+    def __init__(self, model: AnomalyModel | None, rules: RulesConfig | None = None,
+                 policy: AlertPolicy | None = None, manager: AlertManager | None = None) -> None:
+        self.model = model
+        self.rules = RuleEngine(rules)
+        self.manager = manager or AlertManager(policy)
+        self.features = FeatureExtractor(model.params if model else None)
+        self.stats = DetectionStats()
+        self._pending: list[Telemetry] = []
+        self._last_ts: dict[str, float] = {}
+        self._flagged = np.zeros(0, dtype=bool)
+        self.scores: dict[tuple[str, int], float] = {}  # latest model score per GPU (for the UI)
+
+    def set_model(self, model: AnomalyModel) -> None:
+        """Swap in a retrained model; per-GPU feature state carries over."""
+        self.model = model
+        self.features.set_params(model.params)
+
+    def add(self, msg: Telemetry) -> None:
+        self._pending.append(msg)
+
+    def tick(self, now: float) -> list[AlertChange]:
+        t0 = time.perf_counter()
+        msgs, self._pending = self._pending, []
+        by_host: dict[str, list[Telemetry]] = {}
+        for m in sorted(msgs, key=lambda m: m.ts):
+            if m.ts <= self._last_ts.get(m.host, -math.inf):
+                self.stats.stale_dropped += 1
+                continue
+            self._last_ts[m.host] = m.ts
+            by_host.setdefault(m.host, []).append(m)
+        self.stats.messages += len(msgs)
+        findings: list[Finding] = []
+        seen: dict[tuple[str, int], float] = {}
+        feats: list[np.ndarray] = []
+        cols: list[tuple[Columns, np.ndarray, list[tuple[str, float, GpuSample]]]] = []
+        # A backlog (catch-up after an outage) is replayed sample by sample per GPU,
+        # in rounds, so every GPU's windows see its samples in order.
+        rounds = max((len(v) for v in by_host.values()), default=0)
+        for r in range(rounds):
+            rows: list[tuple[str, float, GpuSample]] = []
+            for host, ms in by_host.items():
+                if r >= len(ms):
+                    continue
+                m = ms[r]
+                for g in m.gpus:
+                    self.stats.samples += 1
+                    findings.extend(self.rules.check(host, m.ts, g))
+                    seen[(host, g.index)] = m.ts
+                    if g.state == "ok" and m.state == "active":
+                        rows.append((host, m.ts, g))
+            if rows and self.model is not None:
+                c = self.features.columns(rows)
+                self._grow(int(c.slot.max()) + 1)
+                f, valid = self.features.update(c, learn=~self._flagged[c.slot])
+                idx = np.nonzero(valid)[0]
+                self._flagged[c.slot[~valid]] = False
+                if len(idx):
+                    feats.append(f[idx])
+                    cols.append((c, idx, rows))
+        if feats and self.model is not None:
+            findings.extend(self._score(np.concatenate(feats), cols))
+        findings.sort(key=lambda f: f.ts)  # stable: per-GPU sample order is kept
+        changes = self.manager.update(now, seen, findings)
+        self.stats.last_tick_ms = (time.perf_counter() - t0) * 1000.0
+        return changes
+
+    def _grow(self, n: int) -> None:
+        if n > len(self._flagged):
+            new = np.zeros(max(n, 2 * len(self._flagged)), dtype=bool)
+            new[: len(self._flagged)] = self._flagged
+            self._flagged = new
+
+    def _score(self, x: np.ndarray, cols: list[tuple[Columns, np.ndarray, list[tuple[str, float, GpuSample]]]]
+               ) -> list[Finding]:
+        assert self.model is not None
+        model = self.model
+        names = [rows[i][2].name for _, idx, rows in cols for i in idx]
+        group = np.array([model.group_of(n) for n in names], dtype=np.int64)
+        score, thr = model.score(x, group)  # the one batched call for the whole fleet
+        bad = score > thr
+        self.stats.scored += len(x)
+        self.stats.anomalous += int(bad.sum())
+        culprit = model.explain(x)
+        out: list[Finding] = []
+        k = 0
+        for c, idx, rows in cols:
+            n = len(idx)
+            self._flagged[c.slot[idx]] = bad[k:k + n]
+            for j in range(n):
+                host, ts, g = rows[idx[j]]
+                self.scores[(host, g.index)] = float(score[k + j])
+                if bad[k + j]:
+                    fi = int(culprit[k + j])
+                    out.append(Finding(host, g.index, ts, "model", FEATURE_KIND[fi], "warning", "model",
+                                       float(score[k + j]), _message(fi, x[k + j], g)))
+            k += n
+        return out
+
+
+def _message(fi: int, f: np.ndarray, g: GpuSample) -> str:
+    """Say what the features say, in the operator's units."""
+    kind = FEATURE_KIND[fi]
+    t = f"{g.temp_c:.0f} C" if g.temp_c is not None else "n/a"
+    p = f"{g.power_w:.0f} W" if g.power_w is not None else "n/a"
+    if FEATURE_NAMES[fi] == "flat_span":
+        return (f"temperature reads {t} unchanged while the load says it should have moved "
+                f"{f[_F['flat_span']]:.1f} C: is the sensor stuck?")
+    if kind == "thermal_anomaly":
+        return (f"{t} is {f[_F['temp_resid']]:+.1f} C off what {p} predicts for this GPU "
+                f"(trend {f[_F['temp_trend']]:+.1f} C/min at this power): cooling failing or heat source?")
+    if kind == "power_anomaly":
+        return (f"power {p} is {f[_F['power_excess']] * 100:+.0f} % of range above what "
+                f"{g.util_pct or 0:.0f} % utilisation explains: power spikes?")
+    if kind == "memory_leak":
+        return (f"memory grows {max(f[_F['mem_growth']], f[_F['unattributed_growth']]) * 60:.0f} MiB/min with no "
+                f"new process ({g.mem_used_mib or 0:.0f} MiB used): a leak?")
+    return (f"SM clock {g.sm_clock_mhz or 0:.0f} MHz is {f[_F['clock_deficit']] * 100:.0f} % below maximum at "
+            f"{t}, {f[_F['headroom']]:.0f} C below slowdown: unexpected throttling")
+
+
+def run_offline(pipeline: DetectionPipeline, messages: Iterable[Telemetry], tick_s: float = 1.0
+                ) -> list[AlertChange]:
+    """Drive the pipeline from a recording as the station would live: one tick per ``tick_s`` of sample time."""
+    changes: list[AlertChange] = []
+    next_tick: float | None = None
+    for m in messages:
+        if next_tick is None:
+            next_tick = math.floor(m.ts / tick_s) * tick_s + tick_s
+        if m.ts >= next_tick:
+            changes.extend(pipeline.tick(next_tick))
+            # Jump over silence instead of ticking through it one second at a time.
+            next_tick = max(next_tick + tick_s, math.floor(m.ts / tick_s) * tick_s + tick_s)
+        pipeline.add(m)
+    if next_tick is not None:
+        changes.extend(pipeline.tick(next_tick))
+    return changes

@@ -1,0 +1,333 @@
+"""History queries over the stored telemetry: plots, rollups, CSV export, retention.
+
+Plots never receive more points than they can draw: every query is decimated
+server-side into about ``max_points`` buckets per GPU (bucket averages).
+Short ranges read the raw ``telemetry`` table; long ones read the one-minute
+rollups in ``telemetry_1m``, which an incremental refresh keeps current.
+
+Metric names are the protocol's field names, checked against a whitelist;
+user strings never reach SQL text, only the fixed column names they map to.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+from psycopg import AsyncConnection
+from psycopg_pool import AsyncConnectionPool
+
+log = logging.getLogger(__name__)
+
+# Numeric per-GPU metrics (protocol field names) a plot or export can ask for.
+METRICS: tuple[str, ...] = (
+    "temp_c",
+    "mem_used_mib",
+    "mem_total_mib",
+    "util_pct",
+    "mem_util_pct",
+    "power_w",
+    "power_limit_w",
+    "sm_clock_mhz",
+    "mem_clock_mhz",
+    "fan_pct",
+    "energy_j",
+    "ecc_dbe",
+    "xid",
+    "slowdown_temp_c",
+)
+MIN_MAX_METRICS = ("temp_c", "mem_used_mib", "util_pct", "power_w")
+
+# Beyond this span (or this many raw rows, assuming 1 Hz sampling) a fetch
+# reads the rollups: 2 h x 16 GPUs is 115,200 raw rows, about the most that
+# aggregates within a plot-refresh budget on a small machine.
+RAW_MAX_SPAN_S = 2 * 3600.0
+RAW_MAX_ROWS = 200_000
+ROLLUP_S = 60.0
+DIRTY_CHUNK = 5000
+RETENTION_CHUNK = 20_000
+
+Series = tuple[np.ndarray, np.ndarray]
+GpuKey = tuple[str, int]
+
+
+def check_metrics(metrics: Sequence[str]) -> list[str]:
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        raise ValueError(f"unknown metric(s) {unknown}; known: {', '.join(METRICS)}")
+    return list(dict.fromkeys(metrics))
+
+
+# --------------------------------------------------------------------------- pure SQL builders
+
+
+def rollup_aggregates() -> list[tuple[str, str]]:
+    """(telemetry_1m column, aggregate over telemetry rows aliased ``t``)."""
+    aggs = [("n", "count(*)")]
+    for m in METRICS:
+        if m in MIN_MAX_METRICS:
+            aggs.append((f"{m}_min", f"min(t.{m})"))
+        aggs.append((f"{m}_avg", f"avg(t.{m})"))
+        if m in MIN_MAX_METRICS or m in ("energy_j", "ecc_dbe"):
+            aggs.append((f"{m}_max", f"max(t.{m})"))
+    aggs += [
+        ("xid_n", "count(t.xid)"),
+        ("throttled_n", "count(*) FILTER (WHERE cardinality(t.throttle) > 0)"),
+        ("lost_n", "count(*) FILTER (WHERE t.state = 'lost')"),
+    ]
+    return aggs
+
+
+def _rollup_upsert(select_from: str, bucket_expr: str, group_by: str) -> str:
+    aggs = rollup_aggregates()
+    cols = ", ".join(c for c, _ in aggs)
+    exprs = ", ".join(e for _, e in aggs)
+    updates = ", ".join(f"{c} = EXCLUDED.{c}" for c, _ in aggs)
+    return (
+        f"INSERT INTO telemetry_1m (host, gpu_index, bucket, {cols}) "
+        f"SELECT t.host, t.gpu_index, {bucket_expr}, {exprs} {select_from} GROUP BY {group_by} "
+        f"ON CONFLICT (host, gpu_index, bucket) DO UPDATE SET {updates}"
+    )
+
+
+def rollup_buckets_sql() -> str:
+    """Recompute the given (host, gpu_index, bucket) minutes from raw rows."""
+    return _rollup_upsert(
+        "FROM unnest(%s::text[], %s::int4[], %s::timestamptz[]) AS d(host, gpu_index, bucket) "
+        "JOIN telemetry t ON t.host = d.host AND t.gpu_index = d.gpu_index "
+        "AND t.ts >= d.bucket AND t.ts < d.bucket + interval '1 minute'",
+        "d.bucket",
+        "t.host, t.gpu_index, d.bucket",
+    )
+
+
+def rollup_range_sql() -> str:
+    """Recompute every minute from a start time (a rebuild, or after a bulk import)."""
+    return _rollup_upsert(
+        "FROM telemetry t WHERE t.ts >= %s",
+        "date_bin('1 minute', t.ts, timestamptz 'epoch')",
+        "1, 2, 3",
+    )
+
+
+# SKIP LOCKED: markers an in-flight ingest batch holds are left for the next
+# refresh (that batch re-marks them anyway), so a refresh never waits on ingest.
+TAKE_DIRTY_SQL = """DELETE FROM rollup_dirty WHERE (host, gpu_index, bucket) IN (
+    SELECT host, gpu_index, bucket FROM rollup_dirty ORDER BY bucket LIMIT %s FOR UPDATE SKIP LOCKED)
+RETURNING host, gpu_index, bucket"""
+
+
+def fetch_sql(metrics: Sequence[str], rollup: bool) -> str:
+    """Bucket-averaged series for several GPUs; params: hosts, indexes, start, end, start, width."""
+    check_metrics(metrics)
+    if rollup:
+        epoch = "date_part('epoch', t.bucket)"
+        ts = f"sum(({epoch} + {ROLLUP_S / 2}) * t.n) / sum(t.n)"
+        # Weighted by samples so a partly filled minute counts for less.
+        vals = [
+            f"sum(t.{m}_avg * t.n) / nullif(sum(t.n) FILTER (WHERE t.{m}_avg IS NOT NULL), 0)"
+            for m in metrics
+        ]
+        table, tcol = "telemetry_1m", "t.bucket"
+    else:
+        epoch = "date_part('epoch', t.ts)"
+        ts = f"avg({epoch})"
+        vals = [f"avg(t.{m})::float8" for m in metrics]
+        table, tcol = "telemetry", "t.ts"
+    cols = ", ".join([ts, *vals])
+    return (
+        f"SELECT t.host, t.gpu_index, floor(({epoch} - %s) / %s)::bigint AS b, {cols} "
+        f"FROM unnest(%s::text[], %s::int4[]) AS k(host, gpu_index) "
+        f"JOIN {table} t ON t.host = k.host AND t.gpu_index = k.gpu_index "
+        f"WHERE {tcol} >= to_timestamp(%s) AND {tcol} < to_timestamp(%s) "
+        f"GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"
+    )
+
+
+EXPORT_COLUMNS = (
+    "to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') AS time_utc",
+    "date_part('epoch', ts) AS ts",
+    "host",
+    "gpu_index",
+    "gpu_uuid",
+    "boot",
+    "seq",
+    "host_state",
+    "state",
+    *METRICS,
+    "array_to_string(throttle, ';') AS throttle",
+)
+
+
+def export_sql(all_gpus: bool) -> str:
+    where = "ts >= to_timestamp(%s) AND ts < to_timestamp(%s)"
+    src = "telemetry"
+    if not all_gpus:
+        src = (
+            "telemetry JOIN unnest(%s::text[], %s::int4[]) AS k(h, g) "
+            "ON telemetry.host = k.h AND telemetry.gpu_index = k.g"
+        )
+    return (
+        f"COPY (SELECT {', '.join(EXPORT_COLUMNS)} FROM {src} WHERE {where} "
+        f"ORDER BY ts, host, gpu_index) TO STDOUT WITH (FORMAT csv, HEADER true)"
+    )
+
+
+# (table, time column, which cutoff): raw samples go after raw_days, the
+# rollups and the event log after rollup_days.
+RETENTION_TABLES = (
+    ("telemetry", "ts", "raw"),
+    ("gpu_processes", "ts", "raw"),
+    ("rollup_dirty", "bucket", "raw"),
+    ("telemetry_1m", "bucket", "rollup"),
+    ("events", "ts", "rollup"),
+)
+
+
+def retention_delete_sql(table: str, column: str) -> str:
+    """Delete at most ``%s`` rows older than ``%s``: short transactions, small WAL bursts."""
+    return (
+        f"DELETE FROM {table} WHERE ctid = ANY(ARRAY("
+        f"SELECT ctid FROM {table} WHERE {column} < to_timestamp(%s) LIMIT %s))"
+    )
+
+
+# --------------------------------------------------------------------------- queries
+
+
+class History:
+    def __init__(self, pool: AsyncConnectionPool) -> None:
+        self._pool = pool
+
+    async def fetch(
+        self,
+        keys: Sequence[GpuKey],
+        start: float,
+        end: float,
+        metrics: Sequence[str],
+        max_points: int = 2000,
+    ) -> dict[GpuKey, dict[str, Series]]:
+        """Per GPU and metric: (ts seconds, values) float64 arrays, NaN where nothing was reported."""
+        metrics = check_metrics(metrics)
+        keys = list(dict.fromkeys((h, int(i)) for h, i in keys))
+        empty = np.empty(0, dtype=np.float64)
+        out: dict[GpuKey, dict[str, Series]] = {k: {m: (empty, empty) for m in metrics} for k in keys}
+        if not keys or not metrics or end <= start:
+            return out
+        span = end - start
+        rollup = span > RAW_MAX_SPAN_S or span * len(keys) > RAW_MAX_ROWS
+        width = span / max(max_points, 1)
+        if rollup:
+            width = max(width, ROLLUP_S)
+        params = (start, width, [k[0] for k in keys], [k[1] for k in keys], start, end)
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(fetch_sql(metrics, rollup).encode(), params)
+            rows = await cur.fetchall()
+        grouped: dict[GpuKey, list[tuple[object, ...]]] = {}
+        for r in rows:
+            grouped.setdefault((r[0], r[1]), []).append(r[3:])
+        for key, vals in grouped.items():
+            # None (no value in the bucket) becomes NaN with a float dtype.
+            arr = np.array(vals, dtype=np.float64).reshape(len(vals), len(metrics) + 1)
+            ts = arr[:, 0].copy()
+            out[key] = {m: (ts, arr[:, i + 1].copy()) for i, m in enumerate(metrics)}
+        return out
+
+    async def export_csv(self, keys: Sequence[GpuKey], start: float, end: float, path: Path) -> int:
+        """Raw samples with every metric to a CSV file; empty ``keys`` means every GPU. Returns rows."""
+        params: tuple[object, ...] = (start, end)
+        if keys:
+            params = ([k[0] for k in keys], [int(k[1]) for k in keys], start, end)
+        tmp = path.with_name(path.name + ".part")
+        async with self._pool.connection() as conn:
+            cur = conn.cursor()
+            # Blocking writes to a local file are short (a few KiB per chunk)
+            # and keep the export a single streaming pass.
+            with tmp.open("wb") as f:
+                async with cur.copy(export_sql(not keys).encode(), params) as copy:
+                    async for chunk in copy:
+                        f.write(chunk)
+            rows = max(cur.rowcount, 0)
+        tmp.replace(path)  # never leave a half-written file under the final name
+        return rows
+
+    async def refresh_rollups(self, since: float | None = None) -> int:
+        """Bring ``telemetry_1m`` up to date; returns the minute buckets recomputed.
+
+        Without ``since``: only the buckets ingest marked dirty (cheap, run it
+        often). With ``since``: every bucket from that time on (a rebuild).
+        Idempotent either way: buckets are recomputed from raw rows and upserted.
+        """
+        done = 0
+        async with self._pool.connection() as conn:
+            if since is not None:
+                async with conn.transaction():
+                    bucket0 = int(since // ROLLUP_S) * ROLLUP_S
+                    await conn.execute(
+                        "DELETE FROM rollup_dirty WHERE bucket >= to_timestamp(%s)", (float(bucket0),)
+                    )
+                    cur = await conn.execute(rollup_range_sql().encode(), (_ts(bucket0),))
+                    done += max(cur.rowcount, 0)
+            while True:
+                async with conn.transaction():
+                    cur = await conn.execute(TAKE_DIRTY_SQL, (DIRTY_CHUNK,))
+                    dirty = await cur.fetchall()
+                    if dirty:
+                        # A second statement, so its snapshot includes every
+                        # batch that committed while the markers were taken.
+                        await conn.execute(
+                            rollup_buckets_sql().encode(),
+                            ([d[0] for d in dirty], [d[1] for d in dirty], [d[2] for d in dirty]),
+                        )
+                done += len(dirty)
+                if len(dirty) < DIRTY_CHUNK:
+                    return done
+
+    async def run_retention(self, raw_days: float = 30, rollup_days: float = 365) -> dict[str, int]:
+        """Delete rows older than the limits, in short chunks; returns rows deleted per table.
+
+        On TimescaleDB the raw hypertables drop whole chunks instead (cheap).
+        """
+        now = time.time()
+        cut = {"raw": now - raw_days * 86400.0, "rollup": now - rollup_days * 86400.0}
+        deleted: dict[str, int] = {}
+        async with self._pool.connection() as conn:
+            await conn.set_autocommit(True)  # one short transaction per chunk
+            try:
+                hyper = await _hypertables(conn)
+                for table, column, which in RETENTION_TABLES:
+                    if table in hyper:
+                        await conn.execute(
+                            "SELECT drop_chunks(%s, older_than => %s)", (table, _ts(cut[which]))
+                        )
+                        deleted[table] = -1  # unknown: whole chunks dropped
+                        continue
+                    sql = retention_delete_sql(table, column).encode()
+                    total = 0
+                    while True:
+                        cur = await conn.execute(sql, (cut[which], RETENTION_CHUNK))
+                        total += max(cur.rowcount, 0)
+                        if cur.rowcount < RETENTION_CHUNK:
+                            break
+                    deleted[table] = total
+            finally:
+                await conn.set_autocommit(False)
+        log.info("retention: %s", deleted)
+        return deleted
+
+
+def _ts(epoch: float) -> datetime:
+    return datetime.fromtimestamp(epoch, tz=UTC)
+
+
+async def _hypertables(conn: AsyncConnection) -> set[str]:
+    cur = await conn.execute("SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb')")
+    row = await cur.fetchone()
+    if not row or not row[0]:
+        return set()
+    cur = await conn.execute("SELECT hypertable_name FROM timescaledb_information.hypertables")
+    return {str(r[0]) for r in await cur.fetchall()}
