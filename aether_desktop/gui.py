@@ -86,6 +86,8 @@ def run_gui(cfg: StationConfig) -> int:
     app = QApplication.instance() or QApplication(sys.argv)
     app.setApplicationName("Aether")
     app.setOrganizationName("Aether")
+    # Qt must not stop the loop under our feet when a window closes: shutdown is ours (station.stop first).
+    app.setQuitOnLastWindowClosed(False)
     loop = qasync.QEventLoop(app)
     asyncio.set_event_loop(loop)
 
@@ -101,6 +103,7 @@ def run_gui(cfg: StationConfig) -> int:
     wire_gui(station, state, window, app, closing)
     window.start_demo_requested.connect(lambda: _start_demo(station, state))
     app.aboutToQuit.connect(closing.set)
+    app.lastWindowClosed.connect(closing.set)
     window.show()
 
     async def main() -> None:

@@ -64,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deadline", default="", help="finish by: ISO date-time (local) or +4h")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="environment (repeatable)")
     p.add_argument("--cwd", default="", help="working directory on the GPU host (absolute)")
-    p.add_argument("--db", metavar="DSN", help="PostgreSQL DSN (default: $AETHER_DB_DSN, else the embedded one)")
+    p.add_argument(
+        "--db", metavar="DSN", help="PostgreSQL DSN (default: $AETHER_DB_DSN, else the embedded one)"
+    )
     p.add_argument("--data-dir", type=Path, help=f"station data folder for the embedded database "
                    f"(default {default_data_dir()})")  # fmt: skip
     p.add_argument("--wait", action="store_true", help="follow the job to its end, printing state changes")

@@ -384,6 +384,15 @@ def train_from_history(ticks: Sequence[Sequence[Telemetry]], base: AnomalyModel,
 # ---------------------------------------------------------------------- storage (skops + JSON sidecar)
 
 
+def default_model_dir(data_dir: Path | None = None) -> Path:
+    """``<data dir>/models/anomaly``; the data dir defaults to the user data folder."""
+    if data_dir is None:
+        import platformdirs
+
+        data_dir = Path(platformdirs.user_data_dir("aether"))
+    return data_dir / "models" / "anomaly"
+
+
 class ModelStore:
     """Versioned model files in a folder: ``anomaly-v<N>.skops`` + ``anomaly-v<N>.json``."""
 

@@ -129,13 +129,15 @@ class Dispatcher:
         operator: str | None = None,
         clock: Callable[[], float] = time.time,
         on_role: Callable[[bool], None] | None = None,
+        ready: Callable[[], bool] = lambda: True,
     ) -> None:
         """``candidates()`` returns the fleet's GPUs as they are now (called once per tick).
 
         ``start_timeout_s``: a dispatched job with no ``job_started`` event by then is
         lost. It must cover the agent's start-up and the event's trip through JetStream
         into the database, hence generous. ``on_role(active)`` is told when this station
-        starts or stops dispatching.
+        starts or stops dispatching. ``ready()`` false (e.g. the station itself is not
+        connected to NATS) pauses placement: every run_job would fail and mark its job lost.
         """
         self._repo = repo
         self._dsn = dsn
@@ -150,6 +152,7 @@ class Dispatcher:
         self._operator = operator
         self._clock = clock
         self._on_role = on_role
+        self._ready = ready
         self._lock_conn: psycopg.AsyncConnection[Any] | None = None
         self._active = False
         self._wake = asyncio.Event()
@@ -166,6 +169,7 @@ class Dispatcher:
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="dispatcher")
+            self._task.add_done_callback(_log_crash)
 
     async def stop(self) -> None:
         """Stop dispatching and release the lock (another station takes over)."""
@@ -190,6 +194,9 @@ class Dispatcher:
             except (psycopg.OperationalError, TimeoutError) as exc:
                 # The database is away; the lock connection is checked again next round.
                 log.warning("dispatcher: database unavailable (%s)", exc)
+            except psycopg.Error as exc:
+                # E.g. the schema is not migrated yet: report it, keep the loop alive.
+                log.error("dispatcher: database error: %s", exc)
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._interval_s)
@@ -246,12 +253,14 @@ class Dispatcher:
     async def tick(self) -> None:
         """One dispatch pass (only while holding the lock): expire silent dispatches, then
         place pending jobs by priority and age. ``run_job`` requests go out concurrently."""
-        if not self._active:
+        if not self._active or not self._ready():
             return
         now = self._clock()
         for job in await self._repo.overdue_dispatched(now - self._start_timeout_s):
             await self._repo.mark_lost(
-                job.id, f"no job_started from {job.host} within {self._start_timeout_s:.0f} s of dispatch", now
+                job.id,
+                f"no job_started from {job.host} within {self._start_timeout_s:.0f} s of dispatch",
+                now,
             )
         pending = await self._repo.pending(now, self._batch)
         if not pending:
@@ -341,7 +350,9 @@ class Dispatcher:
 
     async def _send_cancel(self, rec: JobRecord) -> str:
         assert rec.host is not None
-        reply = await self._request(rec.host, CancelJobCmd(v=PROTOCOL_VERSION, id=command_id(), job_id=rec.id))
+        reply = await self._request(
+            rec.host, CancelJobCmd(v=PROTOCOL_VERSION, id=command_id(), job_id=rec.id)
+        )
         if not reply.ok:
             raise JobActionError(f"agent {rec.host} refused to cancel {rec.id}: {reply.error}")
         return f"cancel sent to {rec.host} for {rec.id}"
@@ -365,3 +376,9 @@ class Dispatcher:
             return await self._sender.request(host, cmd, timeout=self._request_timeout_s)
         except HostOffline as exc:
             raise JobActionError(str(exc)) from None
+
+
+def _log_crash(task: asyncio.Task[None]) -> None:
+    # The loop only ends by stop(); anything else is a bug that must not pass silently.
+    if not task.cancelled() and task.exception() is not None:
+        log.error("dispatcher stopped by an error; jobs are no longer placed", exc_info=task.exception())

@@ -136,6 +136,9 @@ class _Pipe:
         self.sub = sub
         self.queue: asyncio.Queue[tuple[list[Msg], list[Any]]] = asyncio.Queue(maxsize=1)
         self.waiting = 0
+        # Batches fetched and not yet acked, by id(): NAKed on stop so the next
+        # run gets them at once instead of after ack_wait.
+        self.unacked: dict[int, list[Msg]] = {}
 
 
 class JetStreamIngest:
@@ -221,6 +224,11 @@ class JetStreamIngest:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
         for pipe in self._pipes:
+            for batch in pipe.unacked.values():
+                for m in batch:
+                    with contextlib.suppress(nats.errors.Error):
+                        await m.nak()
+            pipe.unacked.clear()
             with contextlib.suppress(nats.errors.Error):
                 await pipe.sub.unsubscribe()
         self._pipes.clear()
@@ -254,8 +262,10 @@ class JetStreamIngest:
                 good.append(m)
             if self._status.rejected != self.rejects.total:
                 self._update(rejected=self.rejects.total)
-            if good and not await self._put(pipe, (good, decoded)):
-                return
+            if good:
+                pipe.unacked[id(good)] = good
+                if not await self._put(pipe, (good, decoded)):
+                    return
 
     async def _write_loop(self, pipe: _Pipe) -> None:
         while True:
@@ -269,6 +279,7 @@ class JetStreamIngest:
             msgs, decoded = get.result()
             if not await self._write_with_retry(pipe, msgs, decoded):
                 return  # stopping: the batch stays un-acked and is redelivered later
+            pipe.unacked.pop(id(msgs), None)
 
     async def _write_with_retry(self, pipe: _Pipe, msgs: list[Msg], decoded: list[Any]) -> bool:
         delay = 0.1
@@ -281,8 +292,7 @@ class JetStreamIngest:
                 # NUL character in a string): isolate the offending messages
                 # instead of blocking the stream forever.
                 log.warning("database refused a %s batch (%s); writing one by one", pipe.spec.kind, exc)
-                await self._write_individually(pipe, msgs, decoded)
-                return True
+                return await self._write_individually(pipe, msgs, decoded)
             except psycopg.Error as exc:  # connection refused, server restarting, pool timeout ...
                 self._update(db_ok=False, last_error=f"database: {exc}".strip())
             except Exception as exc:  # noqa: BLE001 - e.g. a failing event hook: retry, never drop data
@@ -317,7 +327,7 @@ class JetStreamIngest:
             duplicates=s.duplicates + res.telemetry_duplicates + res.event_duplicates,
         )
 
-    async def _write_individually(self, pipe: _Pipe, msgs: list[Msg], decoded: list[Any]) -> None:
+    async def _write_individually(self, pipe: _Pipe, msgs: list[Msg], decoded: list[Any]) -> bool:
         for m, d in zip(msgs, decoded, strict=True):
             while True:
                 try:
@@ -330,12 +340,13 @@ class JetStreamIngest:
                 except psycopg.Error as exc:
                     self._update(db_ok=False, last_error=f"database: {exc}".strip())
                     if self._stop.is_set():
-                        return
+                        return False
                     await self._sleep(self._max_backoff_s)
                     continue
                 else:
                     await self._ack([m])
                 break
+        return True
 
     async def _status_loop(self) -> None:
         while not self._stop.is_set():

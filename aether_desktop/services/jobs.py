@@ -402,7 +402,9 @@ class JobRepository:
         # Job ids are random, so a report from another host is not about this job.
         foreign = ch.source == "agent" and job_host is not None and ch.host not in (None, job_host)
         if foreign:
-            log.warning("event %s: job %s runs on %s, not %s; ignored", ch.event_id, ch.job_id, job_host, ch.host)
+            log.warning(
+                "event %s: job %s runs on %s, not %s; ignored", ch.event_id, ch.job_id, job_host, ch.host
+            )
         new = None if foreign or ch.to_state is None else next_state(current, ch.to_state, ch.only_from)
         sets: dict[str, Any] = {}
         if new is not None:
@@ -495,5 +497,7 @@ class JobWatcher:
                     async for note in conn.notifies():
                         self._on_change(frozenset({note.payload}))
             except psycopg.OperationalError as exc:
-                log.warning("job watcher lost its database connection (%s); retrying in %.0fs", exc, self._retry_s)
+                log.warning(
+                    "job watcher lost its database connection (%s); retrying in %.0fs", exc, self._retry_s
+                )
             await asyncio.sleep(self._retry_s)

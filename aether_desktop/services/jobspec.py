@@ -127,7 +127,7 @@ def parse_duration(text: str) -> float:
 
 
 def parse_deadline(text: str, now: float) -> float | None:
-    """"Finish by": an ISO date-time (local time unless it has an offset) or ``+4h``."""
+    """The "finish by" time: an ISO date-time (local time unless it has an offset) or ``+4h``."""
     s = text.strip()
     if not s:
         return None

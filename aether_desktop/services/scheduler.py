@@ -30,6 +30,7 @@ from aether_desktop.services.jobtypes import Decision, GpuCandidate, JobRequest,
 from aether_desktop.services.scheduler_model import SchedulerModel, features_and_hosts
 
 GIB = 1024.0
+DRIVER_MIB = 300.0  # memory the CUDA context takes on an otherwise idle GPU
 _USABLE = ("ok", "sleeping")  # a sleeping GPU is woken before dispatch
 
 
@@ -49,11 +50,17 @@ class _Option:
     gpus: tuple[int, ...]
     p: float
     slow: float
+    left: int  # feasible GPUs the host would have left after this placement
 
     @property
     def score(self) -> float:
         # Expected useful throughput: success probability per unit of wall time.
         return self.p / self.slow
+
+    def rank_key(self) -> tuple[float, int]:
+        # Scores within 0.02 count as equal; among equals, best fit (fewest GPUs
+        # left on the host) keeps whole hosts free for the next multi-GPU job.
+        return (-round(self.score / 0.02), self.left)
 
 
 class Scheduler:
@@ -128,36 +135,58 @@ class Scheduler:
         # -- 4. score everything in one batched call per booster
         p, slow = self.model.predict(x)
         options = self._options(k, p, slow, feasible, host_id, host_names, index)
-        if not options:
+        if options and (pinned or options[0].p >= cfg.min_p_success):
+            note = "; pinned by the operator despite the risk" if options[0].p < cfg.min_p_success else ""
+            return self._place(options, n, note, version)
+        if pinned:
             return Decision(
                 "wait",
                 self._why_none(job, k, pinned, feasible, mask & usable, fits, slot, host_id, host_names, n),
                 model_version=version,
             )
 
-        # -- 5. decide
-        best = options[0]
+        # -- 5. nothing good now. Would the same GPUs idle and cool do? If not, waiting cannot help.
+        could = mask & np.array([s != "lost" for s in states]) & (total >= need)
+        x_idle, cooling = _idealize(x, host_id, len(host_names))
+        pi, si = self.model.predict(x_idle)
+        ideal = self._options(k, pi, si, could, host_id, host_names, index)
+        if not ideal:
+            return Decision("wait", "every GPU that could take this job is lost; waiting", model_version=version)
+        best_idle = ideal[0]
+        changing = bool((running[could] > 0).any() or (cooling[could] > 2.0).any())
+        if best_idle.p < cfg.min_p_success or (options and not changing):
+            p_best = max(best_idle.p, options[0].p if options else 0.0)
+            return self._reject(
+                f"likely to fail even on idle, cool GPUs: best {best_idle.host} {_gpus(best_idle.gpus)} "
+                f"P(success)={p_best:.2f} < {cfg.min_p_success:.2f}{_risk(job, total)}; "
+                f"pin the GPUs to run it anyway",
+                version,
+            )
         kept = tuple(ScoredCandidate(o.host, o.gpus, o.p, o.slow, o.score) for o in options[: cfg.keep_candidates])
-        alt = f"; best alternative {options[1].host} {_gpus(options[1].gpus)} ({options[1].p:.2f})" if len(options) > 1 else ""
-        summary = f"P(success)={best.p:.2f}, expected slowdown {best.slow:.2f}×; {n} candidates scored{alt}"
-        if best.p < cfg.min_p_success and not pinned:
-            waiting_helps = bool((running > 0).any() or (x[:, 1] < 15.0).any())
-            if waiting_helps:
-                return Decision(
-                    "wait",
-                    f"best option {best.host} {_gpus(best.gpus)} has P(success)={best.p:.2f} "
-                    f"< {cfg.min_p_success:.2f}; waiting for a cooler or emptier GPU ({n} candidates scored)",
-                    p_success=best.p,
-                    expected_slowdown=best.slow,
-                    candidates=kept,
-                    model_version=version,
-                )
-            summary += f"; below the {cfg.min_p_success:.2f} target, but the fleet is idle so waiting cannot help"
-        elif pinned and best.p < cfg.min_p_success:
-            summary += "; pinned by the operator despite the risk"
+        if options:
+            now_part = f"best option now {options[0].host} {_gpus(options[0].gpus)} has P(success)={options[0].p:.2f}"
+        else:
+            now_part = self._why_none(job, k, pinned, feasible, mask & usable, fits, slot, host_id, host_names, n)
+        return Decision(
+            "wait",
+            f"{now_part}; once GPUs free up or cool down {best_idle.host} {_gpus(best_idle.gpus)} "
+            f"would give {best_idle.p:.2f} (target {cfg.min_p_success:.2f}); waiting",
+            p_success=options[0].p if options else None,
+            expected_slowdown=options[0].slow if options else None,
+            candidates=kept,
+            model_version=version,
+        )
+
+    def _place(self, options: list[_Option], n: int, note: str, version: str) -> Decision:
+        best = options[0]
+        kept = tuple(ScoredCandidate(o.host, o.gpus, o.p, o.slow, o.score) for o in options[: self.config.keep_candidates])
+        alt = ""
+        if len(options) > 1:
+            alt = f"; best alternative {options[1].host} {_gpus(options[1].gpus)} ({options[1].p:.2f})"
         return Decision(
             "place",
-            f"placed on {best.host} {_gpus(best.gpus)}: {summary}",
+            f"placed on {best.host} {_gpus(best.gpus)}: P(success)={best.p:.2f}, "
+            f"expected slowdown {best.slow:.2f}×; {n} candidates scored{alt}{note}",
             host=best.host,
             gpus=best.gpus,
             p_success=best.p,
@@ -179,16 +208,19 @@ class Scheduler:
     ) -> list[_Option]:
         """Ranked placements: single GPUs for k == 1, else the best k GPUs of each host that has k feasible."""
         score = np.where(feasible, p / slow, -np.inf)
-        keep = self.config.keep_candidates
+        n_ok = np.bincount(host_id, weights=feasible, minlength=len(host_names)).astype(np.int64)
         if k == 1:
             rows = np.nonzero(feasible)[0]
-            top = rows[np.argsort(-score[rows], kind="stable")[:keep]]
-            return [_Option(host_names[host_id[r]], (int(index[r]),), float(p[r]), float(slow[r])) for r in top]
+            bucket = -np.round(score[rows] / 0.02)
+            top = rows[np.lexsort((n_ok[host_id[rows]], bucket))]
+            return [
+                _Option(host_names[host_id[r]], (int(index[r]),), float(p[r]), float(slow[r]), int(n_ok[host_id[r]]) - 1)
+                for r in top[: max(self.config.keep_candidates, 2)]
+            ]
         order = np.lexsort((-score, host_id))  # by host, best first within a host
         hs = host_id[order]
         first = np.searchsorted(hs, hs, side="left")
         rank = np.arange(len(order)) - first
-        n_ok = np.bincount(host_id, weights=feasible, minlength=len(host_names))
         take = order[(rank < k) & (n_ok[hs] >= k)]
         if len(take) == 0:
             return []
@@ -199,8 +231,8 @@ class Scheduler:
         out = []
         for h in np.unique(th):
             gpus = tuple(sorted(int(g) for g in index[take[th == h]]))
-            out.append(_Option(host_names[h], gpus, float(np.exp(log_p[h])), float(worst[h])))
-        out.sort(key=lambda o: -o.score)
+            out.append(_Option(host_names[h], gpus, float(np.exp(log_p[h])), float(worst[h]), int(n_ok[h]) - k))
+        out.sort(key=_Option.rank_key)
         return out
 
     def _pin_mask(
@@ -304,6 +336,44 @@ class Scheduler:
     @staticmethod
     def _reject(reason: str, version: str) -> Decision:
         return Decision("reject", f"rejected: {reason}", model_version=version)
+
+
+def _idealize(x: np.ndarray, host_id: np.ndarray, n_hosts: int) -> tuple[np.ndarray, np.ndarray]:
+    """The same feature rows as if every GPU were idle and cooled to its host's coolest; also how much each cools.
+
+    Columns follow FEATURE_NAMES; this edits the matrix instead of rebuilding
+    candidates so the check stays one vectorised pass.
+    """
+    xi = x.copy()
+    temp = x[:, 0].astype(np.float64)
+    host_min = np.full(n_hosts, np.inf)
+    np.minimum.at(host_min, host_id, temp)
+    t_idle = np.minimum(temp, host_min[host_id] + 3.0)
+    slow_c = x[:, 1] + temp
+    mean_idle = (np.bincount(host_id, weights=t_idle, minlength=n_hosts) / np.bincount(host_id, minlength=n_hosts))[host_id]
+    total, limit = x[:, 7].astype(np.float64), x[:, 11].astype(np.float64)
+    power = limit - x[:, 9]
+    headroom = limit - np.minimum(power, 0.2 * limit)
+    free = total - DRIVER_MIB
+    need = x[:, 5] * np.maximum(x[:, 4], 1.0)  # need / free was stored; recover the need
+    xi[:, 0] = t_idle
+    xi[:, 1] = slow_c - t_idle
+    xi[:, 2] = t_idle - mean_idle
+    xi[:, 3] = mean_idle
+    xi[:, 4] = free
+    xi[:, 5] = need / np.maximum(free, 1.0)
+    xi[:, 8] = 0.0
+    xi[:, 9] = headroom
+    xi[:, 10] = headroom / np.maximum(limit, 1.0)
+    xi[:, 12] = 0.0
+    return xi, temp - t_idle
+
+
+def _risk(job: JobRequest, total: np.ndarray) -> str:
+    if job.mem_mib <= 0:
+        return ""
+    frac = job.mem_mib / float(total.max())
+    return f" (needs {job.mem_mib / GIB:.1f} GiB, {100 * frac:.0f} % of the largest GPU)" if frac > 0.85 else ""
 
 
 def _gpus(gpus: Sequence[int]) -> str:

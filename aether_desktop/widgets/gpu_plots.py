@@ -276,6 +276,7 @@ class GpuPlots(QWidget):
 
     def _reload(self) -> None:
         self._request += 1  # any answer to an older request is now stale
+        self._live_sig = ()  # the curves may hold history now: the next live frame must draw
         if not self._keys:
             self._loading = False
             self._set_status("Select GPUs in the table or heatmap to plot them.")

