@@ -146,7 +146,7 @@ async def _history_query(store: object, gpus: int = 16, runs: int = 5) -> tuple[
         await conn.execute(
             "INSERT INTO telemetry_1m (host, gpu_index, bucket, n, temp_c_min, temp_c_avg, temp_c_max,"
             " util_pct_avg, power_w_avg, mem_used_mib_avg)"
-            " SELECT 'hist-' || (g / 8), g % 8, to_timestamp(%s) + m * interval '1 minute', 60,"
+            " SELECT 'hist-' || (g / 8), g %% 8, to_timestamp(%s) + m * interval '1 minute', 60,"
             " 40 + g, 45 + g + sin(m / 30.0), 50 + g, (m %% 100), 300 + g, 1000"
             " FROM generate_series(0, %s - 1) g, generate_series(0, 1439) m",
             (T0, gpus),

@@ -40,7 +40,7 @@ class SchedulerConfig:
     max_jobs_per_gpu: int = 1  # 1 = exclusive GPUs; replay of shared traces passes its own mask
     keep_candidates: int = 8  # options kept in the decision record
     min_defer_s: float = 900.0  # a deferral shorter than this is not worth the operator's wait
-    defer_min_saving_frac: float = 0.03
+    defer_min_saving_frac: float = 0.02
     gpu_power_frac: float = 0.7  # expected draw as a share of the power limit, for the carbon estimate
 
 

@@ -80,10 +80,15 @@ class FleetStatusBar(QStatusBar):
         self.nats_label.setToolTip(detail or f"NATS {state}")
 
     def _on_db_status_changed(self, ok: bool, waiting: int, detail: str) -> None:
-        if ok:
+        if ok and detail:
+            text = _dot(theme.MUTED, detail)  # e.g. "history is off (--no-db)"
+        elif ok:
             text = _dot(theme.OK, "database ok") if not waiting else _dot(theme.WARN, f"database ok, {waiting:,} waiting")
-        else:
+        elif waiting:
             text = _dot(theme.CRIT, f"database unavailable, {waiting:,} samples waiting")
+        else:
+            short = detail if len(detail) <= 60 else detail[:57] + "..."
+            text = _dot(theme.CRIT, short or "database unavailable")
         self.db_label.setText(text)
         self.db_label.setToolTip(detail)
 
