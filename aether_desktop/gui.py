@@ -88,6 +88,9 @@ def run_gui(cfg: StationConfig) -> int:
     app.setOrganizationName("Aether")
     # Qt must not stop the loop under our feet when a window closes: shutdown is ours (station.stop first).
     app.setQuitOnLastWindowClosed(False)
+    from aether_desktop.widgets import theme
+
+    theme.apply_dark_palette(app)
     loop = qasync.QEventLoop(app)
     asyncio.set_event_loop(loop)
 
@@ -98,9 +101,9 @@ def run_gui(cfg: StationConfig) -> int:
     window = MainWindow(state, CommandProxy(station), HistoryProxy(station))
     from aether_desktop.wiring import wire_gui, wire_services
 
-    wire_services(station)
+    services = wire_services(station)
     closing = asyncio.Event()
-    wire_gui(station, state, window, app, closing)
+    wire_gui(station, state, window, app, closing, services)
     window.start_demo_requested.connect(lambda: _start_demo(station, state))
     app.aboutToQuit.connect(closing.set)
     app.lastWindowClosed.connect(closing.set)

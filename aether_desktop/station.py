@@ -74,6 +74,8 @@ class Station:
         self._db_openers: list[Callable[[Any], Awaitable[None]]] = []
         self._db_ready = asyncio.Event()
         self.db_error: str | None = None
+        self.dsn: str | None = None
+        self._stoppers: list[Callable[[], Awaitable[None]]] = []
 
     # ------------------------------------------------------------------ wiring
 
@@ -163,6 +165,7 @@ class Station:
                 log.error("%s", self.db_error)
                 return
             dsn = info.dsn
+        self.dsn = dsn
         store = Store(dsn)
         delay = 1.0
         while True:
@@ -202,6 +205,10 @@ class Station:
     def add_db_opener(self, fn: Callable[[Any], Awaitable[None]]) -> None:
         self._db_openers.append(fn)
 
+    def add_stopper(self, fn: Callable[[], Awaitable[None]]) -> None:
+        """Called first on stop (services that hold DB connections or locks)."""
+        self._stoppers.append(fn)
+
     def _on_ingest_status(self, status: Any) -> None:
         detail = "" if status.db_ok else f"database unavailable, {status.waiting} samples waiting"
         if not status.db_ok and status.last_error:
@@ -228,6 +235,11 @@ class Station:
 
     async def stop(self) -> None:
         log.info("station stopping")
+        for fn in self._stoppers:
+            try:
+                await fn()
+            except Exception:  # keep stopping the rest
+                log.exception("error while stopping a service")
         if self.demo is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.demo.stop)
         if self.ingest is not None:

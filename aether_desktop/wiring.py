@@ -1,21 +1,183 @@
-"""Feature services plugged into the Station (alerts, jobs); shared by the window and --headless."""
+"""Feature services plugged into the Station (jobs, alerts); shared by the window and --headless.
+
+This is part of the composition root: it knows every service, and each
+service knows none of the others.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import getpass
 import logging
-from typing import Any
+import os
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
+from aether_desktop.services.bus import ConnState
+from aether_desktop.services.fleet import FleetState
+from aether_desktop.services.jobtypes import GpuCandidate
 from aether_desktop.station import Station
 
 log = logging.getLogger("aether.wiring")
+T = TypeVar("T")
 
 
-def wire_services(station: Station) -> None:
-    """Attach optional services to the station. Each one registers its own listeners and DB hooks."""
-    return None
+def fleet_candidates(fleet: FleetState) -> Callable[[], list[GpuCandidate]]:
+    """The scheduler's view of the live fleet: every GPU of every online host."""
+
+    def candidates() -> list[GpuCandidate]:
+        out: list[GpuCandidate] = []
+        for r in fleet.rows(time.time()):
+            if r.state == "offline":
+                continue
+            v = r.values
+
+            def num(name: str, default: float = 0.0) -> float:
+                x = v.get(name)
+                return default if x is None or x != x else float(x)
+
+            out.append(GpuCandidate(
+                host=r.key[0], index=r.key[1], model=r.name, state=r.state,
+                temp_c=num("temp_c", 40.0), mem_used_mib=num("mem_used_mib"),
+                mem_total_mib=num("mem_total_mib"), util_pct=num("util_pct"), power_w=num("power_w"),
+                power_limit_w=num("power_limit_w", 300.0), running_jobs=int(num("n_procs")),
+                slowdown_temp_c=v.get("slowdown_temp_c"),
+            ))
+        return out
+
+    return candidates
 
 
-def wire_gui(station: Station, state: Any, window: Any, app: Any, closing: asyncio.Event) -> None:
-    """Attach the feature widgets (alerts, tray, jobs) to the window."""
+class JobsRuntime:
+    """Holds the jobs services once the database is open; the UI calls through it."""
+
+    def __init__(self, station: Station) -> None:
+        self.station = station
+        self.repo: Any = None
+        self.dispatcher: Any = None
+        self.watcher: Any = None
+        self.listeners: list[Callable[[frozenset[str]], None]] = []
+        self.role_listeners: list[Callable[[bool], None]] = []
+
+    def _need(self, what: T | None) -> T:
+        if what is None:
+            reason = "history is off (--no-db)" if self.station.cfg.no_db else (
+                self.station.db_error or "the database is still starting")
+            raise RuntimeError(f"jobs need the database: {reason}")
+        return what
+
+    async def open(self, store: Any) -> None:
+        from aether_desktop.services.dispatcher import Dispatcher
+        from aether_desktop.services.jobs import JobRepository, JobWatcher
+        from aether_desktop.services.scheduler import Scheduler
+        from aether_desktop.services.scheduler_model import load_or_bootstrap
+
+        station = self.station
+        repo = JobRepository(store.pool)
+        store.add_event_hook(repo.apply_events)
+        loop = asyncio.get_running_loop()
+        model_dir = station.cfg.data_dir / "models"
+        # First start trains on simulated jobs (seconds): off the loop so the window stays live.
+        model = await loop.run_in_executor(None, lambda: load_or_bootstrap(model_dir))
+        bus = station.bus
+        assert bus is not None and station.dsn is not None
+        self.repo = repo
+        self.dispatcher = Dispatcher(
+            repo, station.dsn, Scheduler(model), bus, fleet_candidates(station.fleet),
+            prefix=station.cfg.subject_prefix, operator=f"{getpass.getuser()}@{os.uname().nodename}",
+            on_role=self._on_role, ready=lambda: bus.state == ConnState.CONNECTED,
+        )
+        self.dispatcher.start()
+        self.watcher = JobWatcher(station.dsn, self._on_change)
+        self.watcher.start()
+        station.add_stopper(self.stop)
+        log.info("jobs: scheduler model %s, dispatcher started", getattr(model, "version", "?"))
+        self._on_change(frozenset())
+
+    def _on_change(self, ids: frozenset[str]) -> None:
+        if self.dispatcher is not None:
+            self.dispatcher.wake()
+        for fn in self.listeners:
+            fn(ids)
+
+    def _on_role(self, active: bool) -> None:
+        self.station.sink.post_notice("info", "this station dispatches jobs" if active
+                                      else "another station dispatches jobs; this one submits and watches")
+        for fn in self.role_listeners:
+            fn(active)
+
+    async def stop(self) -> None:
+        if self.watcher is not None:
+            await self.watcher.stop()
+        if self.dispatcher is not None:
+            await self.dispatcher.stop()
+
+    # UI-facing calls (each says clearly why it cannot work yet).
+    async def list_jobs(self) -> Sequence[Any]:
+        if self.repo is None:
+            return []
+        return await self.repo.list_jobs()  # type: ignore[no-any-return]
+
+    async def submit(self, req: Any) -> Any:
+        rec = await self._need(self.repo).submit(req)
+        if self.dispatcher is not None:
+            self.dispatcher.wake()
+        return rec
+
+    async def cancel(self, job_id: str) -> str:
+        return await self._need(self.dispatcher).cancel(job_id)  # type: ignore[no-any-return]
+
+    async def resubmit(self, job_id: str) -> Any:
+        return await self._need(self.repo).resubmit(job_id)
+
+    async def fetch_log(self, job_id: str) -> str:
+        return await self._need(self.dispatcher).job_log(job_id)  # type: ignore[no-any-return]
+
+
+def wire_services(station: Station) -> dict[str, Any]:
+    """Attach optional services to the station. Each registers its own listeners and DB hooks."""
+    jobs = JobsRuntime(station)
+    station.add_db_opener(jobs.open)
+    return {"jobs": jobs}
+
+
+def wire_gui(station: Station, state: Any, window: Any, app: Any, closing: asyncio.Event,
+             services: dict[str, Any]) -> None:
+    """Attach the feature widgets (jobs, alerts, tray) to the window."""
+    from aether_desktop.widgets.job_dialog import JobDialog
+    from aether_desktop.widgets.jobs_bridge import JobsBridge
+    from aether_desktop.widgets.jobs_view import JobsView
+
+    jobs: JobsRuntime = services["jobs"]
+    bridge = JobsBridge(list_jobs=jobs.list_jobs, submit=jobs.submit, cancel=jobs.cancel,
+                        resubmit=jobs.resubmit, fetch_log=jobs.fetch_log, parent=window)
+    jobs.listeners.append(bridge.notify_changed)
+    jobs.role_listeners.append(bridge.set_dispatcher_active)
+    bridge.notice.connect(state.post_notice)
+    view = JobsView(bridge)
+    window.add_tab(view, "Jobs")
+    window.jobs_view = view
+
+    def open_dialog() -> None:
+        dialog = JobDialog(window)
+        dialog.submitted.connect(lambda req: _submit(bridge, req))
+        dialog.open()
+
+    from PySide6.QtGui import QAction
+
+    act = QAction("Submit job…", window)
+    act.setShortcut("Ctrl+J")
+    act.triggered.connect(open_dialog)
+    window.menuBar().addMenu("&Jobs").addAction(act)
+    window.submit_job_action = act
+    if hasattr(window, "toolbar"):
+        window.toolbar.addAction(act)
+
+
+def _submit(bridge: Any, req: Any) -> None:
+    bridge.submit(req)
+
+
+def noop(*_: object) -> Awaitable[None] | None:
     return None

@@ -38,7 +38,8 @@ from aether_desktop.services.scheduler import Scheduler, SchedulerConfig  # noqa
 from aether_desktop.services.scheduler_model import feature_matrix, load_or_bootstrap  # noqa: E402
 
 FLEETS = ("2x8", "1x8:A100-80GB,1x8:A100-40GB", "2x8:V100-32GB")
-WIESNER = {"gb": 6.56, "de": 5.91}  # % emissions avoided, Wiesner et al. 2021, ad-hoc ML jobs, next-workday deadline
+# % emissions avoided: Wiesner et al. 2021, ad-hoc ML jobs, next-workday deadline.
+WIESNER = {"gb": 6.56, "de": 5.91}
 
 
 def bench_replay(sched: Scheduler, seeds: int) -> dict[str, Any]:
@@ -67,7 +68,11 @@ def bench_replay(sched: Scheduler, seeds: int) -> dict[str, Any]:
                 print(f"{fleet:30} {seed:>4} {policy:7} {s['completed']:>3} {s['oom']:>3} {s['thermal']:>5} "
                       f"{s['rejected']:>3} {s['mean_jct_s']:>8} {s['p95_jct_s']:>7} {s['mean_wait_s']:>6} "
                       f"{s['makespan_s']:>8} {s['energy_kwh']:>6} {jct_both:>7.1f} {ms:>5.0f}")  # fmt: skip
-                row_out[policy] = {**s, "mean_jct_common_s": round(float(jct_both), 1), "replay_ms": round(ms, 1)}
+                row_out[policy] = {
+                    **s,
+                    "mean_jct_common_s": round(float(jct_both), 1),
+                    "replay_ms": round(ms, 1),
+                }
             per_seed.append(row_out)
         out[fleet] = per_seed
         agg = {
@@ -87,7 +92,8 @@ def bench_replay(sched: Scheduler, seeds: int) -> dict[str, Any]:
 def bench_latency(sched: Scheduler) -> dict[str, Any]:
     sim = FleetSim(parse_fleet("125x8"), seed=11)
     rng = np.random.default_rng(0)
-    for i, g in enumerate(rng.choice(1000, 400, replace=False)):  # a busy fleet: 40 % of GPUs running something
+    # A busy fleet: 40 % of the GPUs run something.
+    for i, g in enumerate(rng.choice(1000, 400, replace=False)):
         sim.start(SimJob(f"bg{i}", float(rng.uniform(2e3, 3e4)), 3600.0), int(g) // 8, [int(g) % 8])
     sim.advance(600.0)
     cands = sim.candidates()
@@ -153,35 +159,82 @@ def _next_workday_9(t: datetime) -> datetime:
     return datetime(d.year, d.month, d.day, 9, tzinfo=UTC)
 
 
-def bench_deferral(n_jobs: int = 3387, seed: int = 0) -> dict[str, Any]:
-    """Wiesner-style ad-hoc jobs: 4-90 min, submitted on 2020 workdays 09-17 UTC, must finish by 09:00 next workday."""
-    rng = np.random.default_rng(seed)
+def _wiesner_deadline(oft: datetime) -> datetime:
+    """Their `next_workday` rule (strategy.py, AdHocStrategy._forecast_duration), quirks included.
+
+    A job whose original finish time falls on a weekday between 09:00 and 17:00
+    may not move at all; otherwise it must finish by the next 09:00 (Saturday:
+    Monday; note Friday evening maps to Saturday 09:00 in their code).
+    """
+    hour = oft.hour + (0.5 if oft.minute == 30 else 0.0)
+    nine = oft.replace(hour=9, minute=0, second=0, microsecond=0)
+    if oft.weekday() == 5:
+        return nine + timedelta(days=2)
+    if oft.weekday() == 6 or hour > 17:
+        return nine + timedelta(days=1)
+    if hour < 9:
+        return nine
+    return oft
+
+
+def _workday_submits(rng: np.random.Generator, n: int, grid_s: float | None) -> list[datetime]:
     days = [datetime(2020, 1, 1, tzinfo=UTC) + timedelta(days=i) for i in range(366)]
     workdays = [d for d in days if d.weekday() < 5 and d.year == 2020]
-    submits = [
-        workdays[int(rng.integers(len(workdays)))] + timedelta(seconds=float(rng.uniform(9 * 3600, 17 * 3600)))
-        for _ in range(n_jobs)
-    ]
-    durations = rng.uniform(4 * 60, 90 * 60, n_jobs)
+    out = []
+    for _ in range(n):
+        sec = float(rng.uniform(9 * 3600, 17 * 3600))
+        if grid_s:
+            sec = float(np.floor(sec / grid_s) * grid_s)
+        out.append(workdays[int(rng.integers(len(workdays)))] + timedelta(seconds=sec))
+    return out
+
+
+def bench_deferral(n_jobs: int = 3387, seed: int = 0) -> dict[str, Any]:
+    """Two scenarios, each with our forecast, a perfect-foresight oracle and run-now as the baseline.
+
+    * replication: Wiesner et al.'s ad-hoc ML scenario as their simulate.py builds it -- 3,387 jobs
+      starting on the half hour 09:00-16:30 on 2020 workdays, durations 4-90 *hours* (their code
+      counts minutes: range(4*60, 90*60, 30); data/README.md's "4-90 min" misreads it), their
+      next-workday deadline rule, no interruption, greenest window by mean intensity;
+    * aether policy: 4-90 minute jobs submitted 09-17, every one allowed to finish by 09:00 on the
+      next workday, with the shipped margins (x1.15 duration, >= 2 % forecast saving to wait).
+    """
+    rng = np.random.default_rng(seed)
+    scenarios = {
+        "replication": (
+            _workday_submits(rng, n_jobs, 1800.0),
+            rng.choice(np.arange(240, 5400, 30), n_jobs) * 60.0,
+            "wiesner",
+        ),
+        "aether_policy": (_workday_submits(rng, n_jobs, None), rng.uniform(4 * 60, 90 * 60, n_jobs), "next9"),
+    }
     out: dict[str, Any] = {"jobs": n_jobs}
-    print(f"\n== Deferral, Wiesner-style scenario ({n_jobs} jobs, next-workday deadline, no interruption) ==")
+    print(f"\n== Deferral: {n_jobs} ad-hoc jobs on 2020 workdays, no interruption (saving vs run-now) ==")
     for region in ("gb", "de"):
         s = load_carbon_csv(ROOT / "data" / "carbon" / f"{region}_2020_ci.csv")
-        res = {}
-        for name, fc in (("forecast", CarbonForecaster(s)), ("oracle", _Oracle(s))):
-            base = planned = 0.0
-            deferred = 0
-            for sub, dur in zip(submits, durations, strict=True):
-                now = sub.timestamp()
-                plan = plan_deferral(fc, now, float(dur), _next_workday_9(sub).timestamp(), energy_kwh=1.0)
-                base += _actual(s, now, dur)
-                planned += _actual(s, plan.not_before_ts, dur)
-                deferred += plan.deferred
-            res[name] = {"saving_pct": round(100 * (1 - planned / base), 2), "deferred_jobs": deferred}
-        out[region] = {**res, "wiesner_pct": WIESNER[region]}
-        print(f"  {region.upper()}: forecast-driven {res['forecast']['saving_pct']:.2f} % "
-              f"({res['forecast']['deferred_jobs']} jobs moved), oracle {res['oracle']['saving_pct']:.2f} %, "
-              f"Wiesner et al. headline {WIESNER[region]:.2f} %")  # fmt: skip
+        out[region] = {"wiesner_headline_pct": WIESNER[region]}
+        for scen, (submits, durations, rule) in scenarios.items():
+            res = {}
+            for name, fc in (("forecast", CarbonForecaster(s)), ("oracle", _Oracle(s))):
+                base = planned = 0.0
+                deferred = 0
+                for sub, dur in zip(submits, durations, strict=True):
+                    now, d = sub.timestamp(), float(dur)
+                    if rule == "wiesner":
+                        deadline = _wiesner_deadline(sub + timedelta(seconds=d)).timestamp()
+                        plan = plan_deferral(
+                            fc, now, d, deadline, 1.0, duration_margin=1.0, min_saving_frac=0.0
+                        )
+                    else:
+                        plan = plan_deferral(fc, now, d, _next_workday_9(sub).timestamp(), 1.0)
+                    base += _actual(s, now, d)
+                    planned += _actual(s, plan.not_before_ts, d)
+                    deferred += plan.deferred
+                res[name] = {"saving_pct": round(100 * (1 - planned / base), 2), "deferred_jobs": deferred}
+            out[region][scen] = res
+            print(f"  {region.upper()} {scen:13}: forecast {res['forecast']['saving_pct']:6.2f} % "
+                  f"({res['forecast']['deferred_jobs']} moved)  oracle {res['oracle']['saving_pct']:6.2f} %"
+                  f"  | Wiesner et al. headline {WIESNER[region]:.2f} %")  # fmt: skip
     return out
 
 

@@ -37,7 +37,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _make_messages(n: int, hosts: int, gpus: int) -> list[bytes]:
+def _make_messages(n: int, hosts: int, gpus: int, procs: int = 1) -> list[bytes]:
     from aether_protocol.messages import GpuSample, Process, Telemetry, encode
 
     out = []
@@ -71,7 +71,10 @@ def _make_messages(n: int, hosts: int, gpus: int) -> list[bytes]:
                             energy_j=123456.7 + seq,
                             throttle=["sw_power_cap"] if seq % 3 == 0 else [],
                             ecc_dbe=0,
-                            processes=[Process(pid=4242, name="python", mem_used_mib=1000.0)],
+                            processes=[
+                                Process(pid=4242 + p, name="python", mem_used_mib=1000.0)
+                                for p in range(procs)
+                            ],
                         )
                         for g in range(gpus)
                     ],
@@ -84,10 +87,10 @@ def _make_messages(n: int, hosts: int, gpus: int) -> list[bytes]:
 # --------------------------------------------------------------------------- publisher process
 
 
-async def _publisher(url: str, n: int, hosts: int, gpus: int) -> None:
+async def _publisher(url: str, n: int, hosts: int, gpus: int, procs: int) -> None:
     import nats
 
-    msgs = _make_messages(n, hosts, gpus)
+    msgs = _make_messages(n, hosts, gpus, procs)
     nc = await nats.connect(url)
     print("ready", flush=True)
     sys.stdin.readline()  # wait for "go" so encoding is not timed
@@ -198,9 +201,21 @@ async def _main(args: argparse.Namespace) -> None:
         await ingest.start()
 
         total_rows = n_msgs * args.gpus
-        print(f"cores: {os.cpu_count()}; {n_msgs} host messages x {args.gpus} GPUs = {total_rows} rows")
+        print(
+            f"cores: {os.cpu_count()}, load avg {os.getloadavg()[0]:.1f}; {n_msgs} host messages x"
+            f" {args.gpus} GPUs = {total_rows} GPU samples ({args.procs} process row(s) each)"
+        )
         pub = subprocess.Popen(
-            [sys.executable, __file__, "--publisher", url, str(n_msgs), str(args.hosts), str(args.gpus)],
+            [
+                sys.executable,
+                __file__,
+                "--publisher",
+                url,
+                str(n_msgs),
+                str(args.hosts),
+                str(args.gpus),
+                str(args.procs),
+            ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -237,14 +252,15 @@ async def _main(args: argparse.Namespace) -> None:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--publisher":
-        url, n, hosts, gpus = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-        asyncio.run(_publisher(url, n, hosts, gpus))
+        url, n, hosts, gpus, procs = sys.argv[2], *(int(a) for a in sys.argv[3:7])
+        asyncio.run(_publisher(url, n, hosts, gpus, procs))
         return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="short run (a few seconds)")
     p.add_argument("--messages", type=int, default=0, help="host messages to publish")
     p.add_argument("--hosts", type=int, default=50)
     p.add_argument("--gpus", type=int, default=8, help="GPUs per host message")
+    p.add_argument("--procs", type=int, default=1, help="processes listed per GPU (rows in gpu_processes)")
     p.add_argument("--batch", type=int, default=2000)
     asyncio.run(_main(p.parse_args()))
 

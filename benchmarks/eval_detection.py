@@ -126,7 +126,8 @@ def score(res: Result, hosts: Sequence[Host], seconds: int) -> dict[str, float]:
     faults = [(h.name, g, kind, on, end) for h in hosts for g, kind, on, end in h.faults]
     detected: dict[int, float] = {}
     false = 0
-    for host, gpu, ts, _kind in res.raised:
+    false_list: list[str] = []
+    for host, gpu, ts, kind in res.raised:
         hit = [i for i, (fh, fg, _, on, end) in enumerate(faults)
                if fh == host and fg == gpu and on <= ts <= end + GRACE_S]
         if hit:
@@ -134,6 +135,7 @@ def score(res: Result, hosts: Sequence[Host], seconds: int) -> dict[str, float]:
                 detected.setdefault(i, ts - faults[i][3])
         else:
             false += 1
+            false_list.append(f"{kind}@{host}/{gpu}+{ts - START:.0f}s")
     tp_alerts = len(res.raised) - false
     precision = tp_alerts / len(res.raised) if res.raised else 0.0
     recall = len(detected) / len(faults) if faults else 0.0
@@ -150,7 +152,7 @@ def score(res: Result, hosts: Sequence[Host], seconds: int) -> dict[str, float]:
     return {"precision": precision, "recall": recall, "f1": f1,
             "median_delay_s": statistics.median(delays) if delays else float("nan"),
             "false_alerts": float(false), "false_per_gpu_week": false / normal_weeks, "normal_gpu_weeks": normal_weeks,
-            "alerts": float(len(res.raised)), "per_kind": per_kind}  # type: ignore[dict-item]
+            "alerts": float(len(res.raised)), "per_kind": per_kind, "false_list": false_list}  # type: ignore[dict-item]
 
 
 def train_baseline_if(seed: int) -> object:
@@ -215,6 +217,7 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) 
         scored[res.name] = s
         out(f"{res.name:10s} {s['precision']:6.3f} {s['recall']:6.3f} {s['f1']:6.3f} {s['median_delay_s']:8.1f}s "
             f"{s['false_alerts']:6.0f} {s['false_per_gpu_week']:12.2f} {s['alerts']:7.0f}")
+    out(f"aether false alerts: {scored['aether']['false_list'][:10]}")
     out(f"normal operation scored: {scored['aether']['normal_gpu_weeks']:.2f} GPU-weeks")
     out("aether per fault kind (detected/total, median delay):")
     for kind, (d, n, med) in scored["aether"]["per_kind"].items():  # type: ignore[union-attr]

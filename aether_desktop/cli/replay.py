@@ -31,13 +31,19 @@ EXIT_BAD_INPUT = 2
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="aether replay", description=__doc__.split("\n")[0])
     p.add_argument("--trace", required=True, type=Path, help="CSV: job_id,submit_s,num_gpu,duration_s[,...]")
-    p.add_argument("--fleet", required=True, help=f"HOSTSxGPUS[:MODEL][,...]; models: {', '.join(GPU_MODELS)}")
+    p.add_argument(
+        "--fleet", required=True, help=f"HOSTSxGPUS[:MODEL][,...]; models: {', '.join(GPU_MODELS)}"
+    )
     p.add_argument("--policy", required=True, choices=POLICIES)
     p.add_argument("--out", required=True, type=Path, help="schedule CSV to write")
     p.add_argument("--summary", required=True, type=Path, help="summary JSON to write")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--carbon", type=Path, help="carbon-intensity CSV (Time,Carbon Intensity) for carbon figures")
-    p.add_argument("--start", help="UTC time of trace second 0, e.g. 2020-03-02T09:00 (default 2020-01-06T09:00)")
+    p.add_argument(
+        "--carbon", type=Path, help="carbon-intensity CSV (Time,Carbon Intensity) for carbon figures"
+    )
+    p.add_argument(
+        "--start", help="UTC time of trace second 0, e.g. 2020-03-02T09:00 (default 2020-01-06T09:00)"
+    )
     p.add_argument("--model-dir", type=Path, help="scheduler model directory (default: the user data dir)")
     return p
 
@@ -62,7 +68,9 @@ def _run(args: argparse.Namespace) -> int:
         try:
             start_ts = datetime.fromisoformat(args.start).replace(tzinfo=UTC).timestamp()
         except ValueError:
-            raise ValueError(f"--start {args.start!r} is not an ISO date-time such as 2020-03-02T09:00") from None
+            raise ValueError(
+                f"--start {args.start!r} is not an ISO date-time such as 2020-03-02T09:00"
+            ) from None
     carbon = load_carbon_csv(args.carbon) if args.carbon else None
     scheduler = None
     if args.policy == "aether":
@@ -78,7 +86,9 @@ def _run(args: argparse.Namespace) -> int:
     for path in (args.out, args.summary):
         if not path.parent.is_dir():
             raise ValueError(f"output directory {path.parent} does not exist")
-    result = run_replay(jobs, hosts, args.policy, seed=args.seed, scheduler=scheduler, carbon=carbon, start_ts=start_ts)
+    result = run_replay(
+        jobs, hosts, args.policy, seed=args.seed, scheduler=scheduler, carbon=carbon, start_ts=start_ts
+    )
     write_schedule(result.rows, args.out)
     summary = {"policy": args.policy, "fleet": args.fleet, "seed": args.seed, **result.summary}
     if scheduler is not None:

@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import time
+import zipfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +52,7 @@ DEFAULT_GROUP = "*"
 TRUSTED_TYPES: tuple[str, ...] = ("sklearn.tree._tree.Tree",)
 HYST_K, HYST_N = 3, 5  # must match AlertPolicy's "model" detector (threshold is chosen for it)
 MIN_ROWS_PER_GROUP = 20_000
-RANGE_WEIGHT = 0.1  # score per e-fold of distance beyond the training range (in robust spreads)
+RANGE_WEIGHT = 0.2  # score per e-fold of distance beyond the training range (in robust spreads)
 SAMPLES_PER_WEEK = 7 * 24 * 3600
 
 
@@ -146,6 +147,7 @@ class AnomalyModel:
     feature_scale: F64
     feature_lo: F64
     feature_hi: F64
+    side_scale: F64  # (2, F): spread below / above the median, for the range guard
     info: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -166,12 +168,16 @@ class AnomalyModel:
         return self._flat.score(x, group) + self.range_excess(x), self._thr[group]
 
     def range_excess(self, x: F64) -> F64:
-        return range_excess(x, self.feature_scale, self.feature_lo, self.feature_hi)
+        return range_excess(x, self.side_scale, self.feature_lo, self.feature_hi)
 
     def explain(self, x: F64) -> I64:
         """Index of the feature that deviates most from normal, per row (what to tell the operator)."""
-        z = np.abs(x - self.feature_median) / self.feature_scale
-        z[:, FEATURE_NAMES.index("util")] = 0.0  # load level is context, never the culprit
+        # Only the suspicious side counts: a cool GPU is never "the thermal culprit".
+        lo_side = np.array([g[0] for g in FEATURE_GUARD])
+        hi_side = np.array([g[1] for g in FEATURE_GUARD])
+        z_hi = np.where(hi_side, (x - self.feature_median) / self.side_scale[1], 0.0)
+        z_lo = np.where(lo_side, (self.feature_median - x) / self.side_scale[0], 0.0)
+        z = np.maximum(z_hi, z_lo)
         out: I64 = np.argmax(z, axis=1)
         return out
 
@@ -181,12 +187,13 @@ def range_excess(x: F64, scale: F64, lo: F64, hi: F64) -> F64:
 
     An isolation tree routes 50 MiB/s of memory growth exactly like the largest
     growth it saw in training (0.6 MiB/s): its score saturates at the edge of
-    normal. This term keeps "far outside" above "at the edge".
+    normal. This term keeps "far outside" above "at the edge". ``scale`` is
+    (2, F): the robust spread below and above the median, in feature units.
     """
     lo_side = np.array([g[0] for g in FEATURE_GUARD])
     hi_side = np.array([g[1] for g in FEATURE_GUARD])
-    over = np.where(hi_side, (x - hi) / scale, 0.0)
-    under = np.where(lo_side, (lo - x) / scale, 0.0)
+    over = np.where(hi_side, (x - hi) / scale[1], 0.0)
+    under = np.where(lo_side, (lo - x) / scale[0], 0.0)
     worst = np.maximum(np.maximum(over, under).max(axis=1), 0.0)
     out: F64 = RANGE_WEIGHT * np.log1p(worst)
     return out
@@ -337,7 +344,9 @@ def train(train_ticks: Sequence[Sequence[Telemetry]], val_ticks: Sequence[Sequen
     med = np.median(x, axis=0)
     hi, lo = np.quantile(x, 0.999, axis=0), np.quantile(x, 0.001, axis=0)
     scale = np.maximum(np.maximum(hi - med, med - lo), 1e-3)
-    f_lo, f_hi = x.min(axis=0), x.max(axis=0)
+    # Range bounds at 1e-4 quantiles: one freak training row must not widen "normal".
+    f_lo, f_hi = np.quantile(x, 1e-4, axis=0), np.quantile(x, 1 - 1e-4, axis=0)
+    side = np.maximum(np.stack([med - lo, hi - med]), 1e-3)
     candidates = [n for n in sorted(set(names)) if (name_arr == n).sum() >= MIN_ROWS_PER_GROUP
                   and (vname_arr == n).sum() >= MIN_ROWS_PER_GROUP // 4]
     plan = [(DEFAULT_GROUP, np.ones(len(x), bool), np.ones(len(xv), bool))]
@@ -346,7 +355,7 @@ def train(train_ticks: Sequence[Sequence[Telemetry]], val_ticks: Sequence[Sequen
         progress(0.55 + 0.4 * i / len(plan), f"training forest for {group}")
         forest = IsolationForest(n_estimators=n_estimators, max_samples=256, random_state=seed).fit(x[sel])
         forests[group] = forest
-        vs = -forest.score_samples(xv[vsel]) + range_excess(xv[vsel], scale, f_lo, f_hi) if vsel.any() else np.zeros(0)
+        vs = -forest.score_samples(xv[vsel]) + range_excess(xv[vsel], side, f_lo, f_hi) if vsel.any() else np.zeros(0)
         vk = [k for k, s in zip(vkeys, vsel, strict=True) if s]
         thresholds[group], fig = choose_threshold(vs, vk, target_per_gpu_week, margin)
         groups_info[group] = {"train_rows": int(sel.sum()), "val_rows": int(vsel.sum()), **fig}
@@ -359,7 +368,7 @@ def train(train_ticks: Sequence[Sequence[Telemetry]], val_ticks: Sequence[Sequen
             target_per_gpu_week, "hysteresis": [HYST_K, HYST_N], "train_seconds": time.perf_counter() - t0,
             "created": time.time()}
     progress(1.0, "done")
-    return AnomalyModel(forests, thresholds, params, med, scale, f_lo, f_hi, info)
+    return AnomalyModel(forests, thresholds, params, med, scale, f_lo, f_hi, side, info)
 
 
 def bootstrap(seed: int = 0, progress: Progress = _noop, hosts: int = 4, gpus: int = 8,
@@ -418,7 +427,8 @@ class ModelStore:
         sio.dump(model.forests, self.folder / f"anomaly-{version}.skops")
         side = {"info": model.info, "thresholds": model.thresholds, "params": model.params.to_json(),
                 "feature_median": model.feature_median.tolist(), "feature_scale": model.feature_scale.tolist(),
-                "feature_lo": model.feature_lo.tolist(), "feature_hi": model.feature_hi.tolist()}
+                "feature_lo": model.feature_lo.tolist(), "feature_hi": model.feature_hi.tolist(),
+                "side_scale": model.side_scale.tolist()}
         tmp = self.folder / f"anomaly-{version}.json.tmp"
         tmp.write_text(json.dumps(side, indent=1))
         tmp.replace(self.folder / f"anomaly-{version}.json")  # the sidecar last: it marks a complete save
@@ -437,14 +447,14 @@ class ModelStore:
         return AnomalyModel(dict(forests), {k: float(v) for k, v in side["thresholds"].items()},
                             FeatureParams.from_json(side["params"]), np.array(side["feature_median"]),
                             np.array(side["feature_scale"]), np.array(side["feature_lo"]),
-                            np.array(side["feature_hi"]), side["info"])
+                            np.array(side["feature_hi"]), np.array(side["side_scale"]), side["info"])
 
     def load_latest(self) -> AnomalyModel | None:
         """Newest version that loads; a corrupt or foreign file is skipped with a warning."""
         for n in reversed(self.versions()):
             try:
                 return self.load(n)
-            except (OSError, ValueError, KeyError, TypeError) as exc:
+            except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as exc:
                 log.warning("anomaly model v%d unusable (%s); trying an older one", n, exc)
         return None
 
@@ -457,6 +467,43 @@ def ensure_model(store: ModelStore, progress: Progress = _noop) -> AnomalyModel:
     model = bootstrap(progress=progress)
     store.save(model)
     return model
+
+
+HISTORY_SQL = """
+SELECT t.host, extract(epoch FROM t.ts)::float8, t.boot, t.seq, t.host_state, t.gpu_index, t.gpu_uuid,
+       coalesce(g.name, 'unknown'), t.state, t.temp_c, t.mem_used_mib, t.mem_total_mib, t.util_pct, t.power_w,
+       t.power_limit_w, t.sm_clock_mhz, t.ecc_dbe, t.xid, t.slowdown_temp_c, p.pids, p.mems
+FROM telemetry t
+LEFT JOIN gpus g ON g.host = t.host AND g.gpu_index = t.gpu_index
+LEFT JOIN LATERAL (
+    SELECT array_agg(q.pid ORDER BY q.pid) AS pids, array_agg(q.mem_used_mib ORDER BY q.pid) AS mems
+    FROM gpu_processes q
+    WHERE q.host = t.host AND q.boot = t.boot AND q.seq = t.seq AND q.gpu_index = t.gpu_index
+) p ON true
+WHERE t.ts >= to_timestamp(%s) AND t.ts < to_timestamp(%s)
+ORDER BY t.ts, t.host, t.gpu_index
+"""
+
+
+async def load_history_ticks(pool: Any, start: float, end: float) -> list[list[Telemetry]]:
+    """Stored telemetry (tables of migrations 001-004) rebuilt into per-second ticks of messages."""
+    from aether_protocol import GpuSample, Process
+
+    async with pool.connection() as conn, conn.cursor() as cur:
+        await cur.execute(HISTORY_SQL, (start, end))
+        rows = await cur.fetchall()
+    msgs: dict[tuple[str, str, int], tuple[float, str, list[GpuSample]]] = {}
+    for r in rows:
+        procs = [Process(pid=int(pid), mem_used_mib=m) for pid, m in zip(r[19] or (), r[20] or (), strict=False)]
+        g = GpuSample(index=r[5], uuid=r[6], name=r[7], state=r[8], temp_c=r[9], mem_used_mib=r[10],
+                      mem_total_mib=r[11], util_pct=r[12], power_w=r[13], power_limit_w=r[14], sm_clock_mhz=r[15],
+                      ecc_dbe=r[16], xid=r[17], slowdown_temp_c=r[18], processes=procs)
+        msgs.setdefault((r[0], r[2], r[3]), (r[1], r[4], []))[2].append(g)
+    ticks: dict[int, list[Telemetry]] = {}
+    for (host, boot, seq), (ts, state, gpus) in msgs.items():
+        ticks.setdefault(int(ts), []).append(Telemetry(v=1, host=host, boot=boot, seq=seq, ts=ts, state=state,
+                                                       gpus=gpus))
+    return [ticks[k] for k in sorted(ticks)]
 
 
 async def retrain_async(ticks: Sequence[Sequence[Telemetry]], base: AnomalyModel, store: ModelStore,

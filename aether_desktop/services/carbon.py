@@ -74,7 +74,9 @@ def load_carbon_csv(path: str | Path, name: str | None = None) -> CarbonSeries:
             t = datetime.strptime(row[0].strip(), "%Y-%m-%d %H:%M:%S").replace(tzinfo=UTC).timestamp()
             v = float(row[1])
         except (ValueError, IndexError) as exc:
-            raise CarbonDataError(f"{p} line {line}: expected 'YYYY-MM-DD HH:MM:SS,<number>' ({exc})") from exc
+            raise CarbonDataError(
+                f"{p} line {line}: expected 'YYYY-MM-DD HH:MM:SS,<number>' ({exc})"
+            ) from exc
         if not math.isfinite(v) or v < 0:
             raise CarbonDataError(f"{p} line {line}: intensity {row[1]!r} is not a non-negative number")
         ts.append(t)

@@ -365,11 +365,13 @@ def fit_thermal(series: list[tuple[F64, F64, F64]], taus: tuple[float, ...] = tu
     for tau in taus:
         sse, coefs = 0.0, []
         for ts, p, t in series:
-            if len(ts) < 60:
+            if len(ts) < 6 * tau:
                 continue
             pf = _lowpass(ts, p, tau)
-            x = np.stack([np.ones(len(pf)), pf], axis=1)[30:]
-            y = t[30:]
+            # The filter starts from an unknown thermal state: skip ~3 time constants.
+            skip = int(3 * tau)
+            x = np.stack([np.ones(len(pf)), pf], axis=1)[skip:]
+            y = t[skip:]
             c, *_ = np.linalg.lstsq(x, y, rcond=None)
             sse += float(((x @ c - y) ** 2).sum())
             coefs.append(c)

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from itertools import chain
+from operator import attrgetter
 
 import numpy as np
 
-from aether_protocol.messages import Telemetry
+from aether_protocol.messages import GpuSample, Telemetry
 
 Key = tuple[str, int]
 
@@ -53,6 +55,15 @@ _STATE_CODE = {"ok": STATE_OK, "sleeping": STATE_SLEEPING, "lost": STATE_LOST}
 _RING_INDEX = {m: i for i, m in enumerate(RING_METRICS)}
 _LATEST_INDEX = {m: i for i, m in enumerate(LATEST_FIELDS)}
 _NAN = np.float32(np.nan)
+# Every latest field but the computed n_procs is a GpuSample attribute of the same name.
+_VALUE_FIELDS = LATEST_FIELDS[:-1]
+_GET_VALUES = attrgetter(*_VALUE_FIELDS)
+_GET_INDEX = attrgetter("index")
+_GET_NAME = attrgetter("name")
+_GET_UUID = attrgetter("uuid")
+_GET_THROTTLE = attrgetter("throttle")
+_GET_STATE = attrgetter("state")
+_GET_PROCESSES = attrgetter("processes")
 
 
 @dataclass(slots=True)
@@ -73,6 +84,11 @@ class HostInfo:
     seq_gaps: int = 0  # sequence numbers skipped and not (yet) filled by a replay
     replayed: int = 0  # messages older than the newest one seen (agent buffer replays)
     restarts: int = 0  # boot id changes
+    # Ingest caches: the GPU indices of the last message and their slot rows, and
+    # the (names, uuids, throttle) last written, so steady traffic skips per-GPU work.
+    layout: tuple[int, ...] = field(default=(), repr=False)
+    slot_rows: tuple[int, ...] = field(default=(), repr=False)
+    identity: object = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,92 +161,159 @@ class FleetState:
     # ------------------------------------------------------------------ ingest
 
     def ingest(self, msg: Telemetry, received_at: float) -> None:
-        """Take one host's telemetry message. Hot path: one numpy write per array per message."""
-        host = msg.host
-        info = self._hosts.get(host)
-        if info is None:
-            info = self._add_host(host)
-        ts = float(msg.ts)
+        """Take one host's telemetry message (same rules as ``ingest_many``)."""
+        self.ingest_many((msg,), received_at)
+
+    def ingest_many(self, msgs: Sequence[Telemetry], received_at: float) -> None:
+        """Take a batch of telemetry messages in arrival order. Hot path.
+
+        Per message only the host bookkeeping runs in Python; the GPU values of
+        the whole batch are gathered with C-level iterators and each numpy array
+        is written once, which is what makes ~100,000 GPU samples/s affordable.
+        A batch is split where a host repeats, so within one write every slot
+        appears once and "newest sample wins" can be decided with one mask.
+        """
+        i, n = 0, len(msgs)
+        while i < n:
+            i = self._ingest_run(msgs, i, received_at)
+        if n:
+            self.version += 1
+
+    def _ingest_run(self, msgs: Sequence[Telemetry], start: int, received_at: float) -> int:
+        """Ingest msgs[start:k] where k is the first repeat of a host; return k."""
+        hosts = self._hosts
         # A host whose clock runs far ahead must not push the shared ring forward
         # and wipe everyone's history; place its samples at arrival time instead.
-        place_ts = ts if ts <= received_at + self.skew_tolerance_s else received_at
+        skew_limit = received_at + self.skew_tolerance_s
+        seen: set[str] = set()
+        gpus: list[GpuSample] = []
+        rows: list[int] = []
+        counts: list[int] = []
+        tss: list[float] = []
+        secs: list[int] = []
+        i, n_msgs = start, len(msgs)
+        while i < n_msgs:
+            msg = msgs[i]
+            host = msg.host
+            if host in seen:
+                break
+            seen.add(host)
+            i += 1
+            info = hosts.get(host)
+            if info is None:
+                info = self._add_host(host)
+            ts = msg.ts
+            mg = msg.gpus
+            layout = tuple(map(_GET_INDEX, mg))
+            if layout and layout == info.layout:
+                mrows: Sequence[int] = info.slot_rows
+            else:
+                mrows, mg = self._resolve_rows(info, mg, layout)
+            # Names and throttle reasons come from the newest message only; a replay
+            # from an agent's buffer must not bring back an old value.
+            if ts >= info.last_ts and mrows:
+                self._update_identity(info, mrows, mg)
+            k = len(mrows)
+            rows.extend(mrows)
+            gpus.extend(mg)
+            counts.append(k)
+            tss.append(ts)
+            secs.append(math.floor(ts if ts <= skew_limit else received_at))
+            self._update_host(info, msg, ts, received_at, k)
+        if rows:
+            self._write(rows, gpus, counts, tss, secs)
+        self._count_rate(received_at, i - start, len(rows))
+        return i
 
-        # Names and throttle reasons come from the newest message only; a replay
-        # from an agent's buffer must not bring back an old value.
-        fresh = ts >= info.last_ts
+    def _resolve_rows(
+        self, info: HostInfo, mg: Sequence[GpuSample], layout: tuple[int, ...]
+    ) -> tuple[list[int], list[GpuSample]]:
+        """Slot rows of a message's GPUs (adding slots); GPUs beyond max_gpus are left out."""
+        host = info.host
         index = self._index
         rows: list[int] = []
-        vals: list[tuple[object, ...]] = []
-        states: list[int] = []
-        names = self._names
-        uuids = self._uuids
-        throttle = self._throttle
-        for g in msg.gpus:
+        kept: list[GpuSample] = []
+        for g in mg:
             r = index.get((host, g.index))
             if r is None:
                 r = self._add_slot((host, g.index), info.row)
                 if r < 0:
                     continue
+                self._names[r] = g.name
+                self._uuids[r] = g.uuid
+                self._throttle[r] = tuple(g.throttle) if g.throttle else ()
             rows.append(r)
-            procs = g.processes
-            vals.append(
-                (
-                    g.temp_c,
-                    g.mem_used_mib,
-                    g.mem_total_mib,
-                    g.util_pct,
-                    g.power_w,
-                    g.power_limit_w,
-                    g.mem_util_pct,
-                    g.sm_clock_mhz,
-                    g.mem_clock_mhz,
-                    g.fan_pct,
-                    g.energy_j,
-                    g.slowdown_temp_c,
-                    g.ecc_dbe,
-                    g.xid,
-                    None if procs is None else len(procs),
-                )
-            )
-            states.append(_STATE_CODE[g.state])
-            if fresh or not names[r]:
-                names[r] = g.name
-                uuids[r] = g.uuid
-                throttle[r] = tuple(g.throttle) if g.throttle else ()
+            kept.append(g)
+        # Cache only a complete layout: with dropped GPUs the slow path must keep counting them.
+        if len(kept) == len(layout):
+            info.layout, info.slot_rows = layout, tuple(rows)
+        else:
+            info.layout, info.slot_rows = (), ()
+        info.identity = None
+        return rows, kept
 
+    def _update_identity(self, info: HostInfo, rows: Sequence[int], mg: Sequence[GpuSample]) -> None:
+        # Comparing three C-built tuples is cheaper than three stores per GPU, and
+        # names, UUIDs and throttle reasons rarely change between messages.
+        ident = (tuple(map(_GET_NAME, mg)), tuple(map(_GET_UUID, mg)), tuple(map(_GET_THROTTLE, mg)))
+        if ident == info.identity:
+            return
+        info.identity = ident
+        names, uuids, throttle = self._names, self._uuids, self._throttle
+        for r, name, uuid, thr in zip(rows, *ident, strict=True):
+            names[r] = name
+            uuids[r] = uuid
+            throttle[r] = tuple(thr) if thr else ()
+
+    def _write(self, rows: list[int], gpus: list[GpuSample], counts: list[int], tss: list[float],
+               secs: list[int]) -> None:
+        """One numpy write per array for a run in which every slot appears once."""
         n = len(rows)
-        if n:
-            # np.array turns None into NaN for float dtypes: no per-value branch needed.
-            arr = np.array(vals, dtype=np.float32)
-            r0 = rows[0]
-            # A host's GPUs are usually adjacent rows (added together): slices are
-            # several times cheaper than fancy indexing on this hot path.
-            sel: slice | np.ndarray
-            sel = slice(r0, r0 + n) if rows[-1] - r0 == n - 1 and rows == list(range(r0, r0 + n)) else np.array(rows)
-            col = self._ring_column(math.floor(place_ts))
-            if col >= 0:
-                self._ring[:, sel, col] = arr[:, : len(RING_METRICS)].T
-            else:
-                self.too_old += n
-            slot_ts = self._slot_ts[sel]
-            if fresh and slot_ts.max() <= ts:
-                self._latest[sel] = arr
-                self._state[sel] = states
-                self._slot_ts[sel] = ts
-            else:
-                # Replayed samples fill the ring at their own time but never
-                # replace a newer "latest" value.
-                newer = slot_ts <= ts
-                if newer.any():
-                    ridx = np.arange(r0, r0 + n) if isinstance(sel, slice) else sel
-                    upd = ridx[newer]
-                    self._latest[upd] = arr[newer]
-                    self._state[upd] = np.asarray(states, dtype=np.int8)[newer]
-                    self._slot_ts[upd] = ts
+        nv = len(_VALUE_FIELDS)
+        arr = np.empty((n, len(LATEST_FIELDS)), dtype=np.float32)
+        # Through an object array: the cast turns None into NaN, and is several
+        # times faster than np.array() on a list of tuples.
+        flat = np.fromiter(chain.from_iterable(map(_GET_VALUES, gpus)), dtype=object, count=n * nv)
+        arr[:, :nv] = flat.reshape(n, nv)
+        procs = list(map(_GET_PROCESSES, gpus))
+        if procs.count(None) == n:
+            arr[:, nv] = np.nan
+        else:
+            arr[:, nv] = [np.nan if p is None else len(p) for p in procs]
+        states = np.fromiter(map(_STATE_CODE.__getitem__, map(_GET_STATE, gpus)), dtype=np.int8, count=n)
+        ridx = np.array(rows, dtype=np.intp)
+        r0 = rows[0]
+        # A batch of hosts is usually a run of adjacent rows (added together):
+        # slices are several times cheaper than fancy indexing on this hot path.
+        sel: slice | np.ndarray
+        sel = slice(r0, r0 + n) if rows[-1] - r0 == n - 1 and (n == 1 or bool((np.diff(ridx) == 1).all())) else ridx
+        ts_g = np.repeat(np.array(tss, dtype=np.float64), counts) if len(tss) > 1 else tss[0]
+        nr = len(RING_METRICS)
 
-        self._update_host(info, msg, ts, received_at, n)
-        self._count_rate(received_at, n)
-        self.version += 1
+        smin, smax = min(secs), max(secs)
+        self._advance_ring(smax)
+        h = self.history_s
+        oldest = self._head_sec - h  # this second and older are outside the ring
+        if smin == smax and smin > oldest:
+            self._ring[:, sel, smax % h] = arr[:, :nr].T
+        else:
+            sec_g = np.repeat(np.array(secs, dtype=np.int64), counts)
+            ok = sec_g > oldest
+            self.too_old += n - int(np.count_nonzero(ok))
+            self._ring[:, ridx[ok], sec_g[ok] % h] = arr[ok, :nr].T
+
+        # Replayed samples fill the ring at their own time but never replace a
+        # newer "latest" value.
+        newer = self._slot_ts[sel] <= ts_g
+        if newer.all():
+            self._latest[sel] = arr
+            self._state[sel] = states
+            self._slot_ts[sel] = ts_g
+        elif newer.any():
+            upd = ridx[newer]
+            self._latest[upd] = arr[newer]
+            self._state[upd] = states[newer]
+            self._slot_ts[upd] = ts_g[newer] if isinstance(ts_g, np.ndarray) else ts_g
 
     def note_rejected(self, reason: str, count: int = 1) -> None:
         """Count a message the bus could not decode (shown in the status bar)."""
@@ -272,20 +355,20 @@ class FleetState:
                 info.interval_s = float(msg.interval_s)
                 self._host_interval[info.row] = info.interval_s
 
-    def _count_rate(self, received_at: float, n: int) -> None:
+    def _count_rate(self, received_at: float, msgs: int, samples: int) -> None:
         sec = int(received_at)
         i = sec % len(self._rb_sec)
         if self._rb_sec[i] != sec:
             self._rb_sec[i] = sec
             self._rb_msgs[i] = 0
             self._rb_samples[i] = 0
-        self._rb_msgs[i] += 1
-        self._rb_samples[i] += n
-        self.messages_total += 1
-        self.samples_total += n
+        self._rb_msgs[i] += msgs
+        self._rb_samples[i] += samples
+        self.messages_total += msgs
+        self.samples_total += samples
 
-    def _ring_column(self, sec: int) -> int:
-        """Ring column for second ``sec``, advancing (and clearing) the ring if it is newer; -1 if too old."""
+    def _advance_ring(self, sec: int) -> None:
+        """Make ``sec`` the ring's newest second if it is newer, clearing the columns it skips."""
         h = self.history_s
         head = self._head_sec
         if sec > head:
@@ -295,9 +378,6 @@ class FleetState:
                 cols = np.arange(head + 1, sec + 1) % h
                 self._ring[:, :, cols] = _NAN
             self._head_sec = sec
-        elif sec <= head - h:
-            return -1
-        return sec % h
 
     def _add_host(self, host: str) -> HostInfo:
         row = len(self._host_list)

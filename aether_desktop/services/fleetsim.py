@@ -83,7 +83,9 @@ def parse_fleet(spec: str, default_model: str = DEFAULT_GPU_MODEL) -> list[HostS
     for part in spec.split(","):
         m = FLEET_RE.match(part)
         if not m:
-            raise FleetSpecError(f"fleet part {part.strip()!r} is not HOSTSxGPUS[:MODEL] (e.g. 2x8:A100-40GB)")
+            raise FleetSpecError(
+                f"fleet part {part.strip()!r} is not HOSTSxGPUS[:MODEL] (e.g. 2x8:A100-40GB)"
+            )
         n_hosts, n_gpus, model = int(m.group(1)), int(m.group(2)), m.group(3) or default_model
         if model not in GPU_MODELS:
             raise FleetSpecError(f"unknown GPU model {model!r}; known: {', '.join(GPU_MODELS)}")
@@ -153,7 +155,9 @@ class FleetSim:
         self.now = start_s
         specs = [GPU_MODELS[h.model] for h in self.hosts for _ in range(h.n_gpus)]
         self.n = len(specs)
-        self.host_of = np.array([i for i, h in enumerate(self.hosts) for _ in range(h.n_gpus)], dtype=np.int64)
+        self.host_of = np.array(
+            [i for i, h in enumerate(self.hosts) for _ in range(h.n_gpus)], dtype=np.int64
+        )
         self.local = np.array([g for h in self.hosts for g in range(h.n_gpus)], dtype=np.int64)
         self.first_gpu = np.cumsum([0] + [h.n_gpus for h in self.hosts])[:-1]
         self.mem_cap = np.array([s.mem_mib for s in specs])
@@ -209,7 +213,10 @@ class FleetSim:
         host_mean = np.bincount(self.host_of, weights=power, minlength=len(self.hosts)) / np.bincount(
             self.host_of, minlength=len(self.hosts)
         )
-        return self.inlet[self.host_of] + HOST_RECIRC_K_PER_W * host_mean[self.host_of] + self.r_th * power
+        temp: np.ndarray = (
+            self.inlet[self.host_of] + HOST_RECIRC_K_PER_W * host_mean[self.host_of] + self.r_th * power
+        )
+        return temp
 
     def _rates(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per-GPU slowdown, drawn power and the load share, from the state now."""
@@ -243,8 +250,18 @@ class FleetSim:
         n_jobs = jobs.astype(np.int64).tolist()
         return [
             GpuCandidate(
-                self._host_names[i], self._local[i], self._models[i], "ok", temp[i], used[i], cap[i],
-                util[i], power[i], limit[i], n_jobs[i], slow_c[i],
+                self._host_names[i],
+                self._local[i],
+                self._models[i],
+                "ok",
+                temp[i],
+                used[i],
+                cap[i],
+                util[i],
+                power[i],
+                limit[i],
+                n_jobs[i],
+                slow_c[i],
             )  # fmt: skip
             for i in range(self.n)
         ]
@@ -256,7 +273,14 @@ class FleetSim:
         if job.job_id in self.runs:
             raise ValueError(f"job {job.job_id} is already running")
         run = _Run(
-            job, host, idx, self.now, job.work_s, 0.75 * job.mem_mib, self._cum_slow[idx].copy(), self._cum_eps[idx].copy()
+            job,
+            host,
+            idx,
+            self.now,
+            job.work_s,
+            0.75 * job.mem_mib,
+            self._cum_slow[idx].copy(),
+            self._cum_eps[idx].copy(),
         )
         _s, _d, mem, _j = self._per_gpu_load()
         over = np.nonzero(mem[idx] + run.mem_now + 300.0 > self.mem_cap[idx])[0]

@@ -113,7 +113,9 @@ def load_trace(path: str | Path) -> list[TraceJob]:
     jobs: list[TraceJob] = []
     seen: set[str] = set()
     for line, raw in enumerate(raw_rows, start=2):
-        row = {ALIASES.get((k or "").strip(), (k or "").strip()): (v or "").strip() for k, v in raw.items() if k}
+        row = {
+            ALIASES.get((k or "").strip(), (k or "").strip()): (v or "").strip() for k, v in raw.items() if k
+        }
         jobs.append(_parse_row(p, line, row, seen))
     jobs.sort(key=lambda j: (j.submit_s, j.job_id))
     return jobs
@@ -242,7 +244,11 @@ def run_replay(
             j = arrivals[nxt]
             st.queue.append(_Queued(j, sim_job(j, seed), declared_memory(j, seed)))
             nxt += 1
-        placed = _fifo_round(st, max_host) if policy == "fifo" else _aether_round(st, scheduler, start_ts, starve_s)
+        placed = (
+            _fifo_round(st, max_host)
+            if policy == "fifo"
+            else _aether_round(st, scheduler, start_ts, starve_s)
+        )
         # Nothing runs, nothing arrives, nothing placed for a simulated day: report instead of spinning.
         stuck = not placed and not st.sim.runs and nxt >= len(arrivals) and bool(st.queue)
         idle_rounds = idle_rounds + 1 if stuck else 0
@@ -328,14 +334,24 @@ def _start(st: _State, q: _Queued, host: int, gpus: list[int]) -> None:
 
 
 def _reject(st: _State, q: _Queued, reason: str) -> None:
-    st.rows[q.job.job_id] = ScheduleRow(q.job.job_id, "", (), q.job.submit_s, None, None, "rejected", 0.0, reason)
+    st.rows[q.job.job_id] = ScheduleRow(
+        q.job.job_id, "", (), q.job.submit_s, None, None, "rejected", 0.0, reason
+    )
 
 
 def _record(st: _State, outs: Sequence[SimOutcome]) -> None:
     for o in outs:
         q, _host = st.started.pop(o.job_id)
         st.rows[o.job_id] = ScheduleRow(
-            o.job_id, o.host, o.gpus, q.job.submit_s, o.start_s, o.end_s, o.outcome, round(o.energy_j, 1), q.reason
+            o.job_id,
+            o.host,
+            o.gpus,
+            q.job.submit_s,
+            o.start_s,
+            o.end_s,
+            o.outcome,
+            round(o.energy_j, 1),
+            q.reason,
         )
 
 

@@ -57,11 +57,6 @@ class _Option:
         # Expected useful throughput: success probability per unit of wall time.
         return self.p / self.slow
 
-    def rank_key(self) -> tuple[float, int]:
-        # Scores within 0.02 count as equal; among equals, best fit (fewest GPUs
-        # left on the host) keeps whole hosts free for the next multi-GPU job.
-        return (-round(self.score / 0.02), self.left)
-
 
 class Scheduler:
     def __init__(
@@ -88,7 +83,9 @@ class Scheduler:
         pinned = tuple(job.gpus) if job.gpus else None
         k = len(pinned) if pinned else job.num_gpus
         if pinned and job.num_gpus not in (1, len(pinned)):
-            return self._reject(f"asked for {job.num_gpus} GPUs but pinned {len(pinned)} ({_gpus(pinned)})", version)
+            return self._reject(
+                f"asked for {job.num_gpus} GPUs but pinned {len(pinned)} ({_gpus(pinned)})", version
+            )
         if k < 1:
             return self._reject("a job needs at least one GPU", version)
         if not candidates:
@@ -151,7 +148,9 @@ class Scheduler:
         pi, si = self.model.predict(x_idle)
         ideal = self._options(k, pi, si, could, host_id, host_names, index)
         if not ideal:
-            return Decision("wait", "every GPU that could take this job is lost; waiting", model_version=version)
+            return Decision(
+                "wait", "every GPU that could take this job is lost; waiting", model_version=version
+            )
         best_idle = ideal[0]
         changing = bool((running[could] > 0).any() or (cooling[could] > 2.0).any())
         if best_idle.p < cfg.min_p_success or (options and not changing):
@@ -162,11 +161,15 @@ class Scheduler:
                 f"pin the GPUs to run it anyway",
                 version,
             )
-        kept = tuple(ScoredCandidate(o.host, o.gpus, o.p, o.slow, o.score) for o in options[: cfg.keep_candidates])
+        kept = tuple(
+            ScoredCandidate(o.host, o.gpus, o.p, o.slow, o.score) for o in options[: cfg.keep_candidates]
+        )
         if options:
             now_part = f"best option now {options[0].host} {_gpus(options[0].gpus)} has P(success)={options[0].p:.2f}"
         else:
-            now_part = self._why_none(job, k, pinned, feasible, mask & usable, fits, slot, host_id, host_names, n)
+            now_part = self._why_none(
+                job, k, pinned, feasible, mask & usable, fits, slot, host_id, host_names, n
+            )
         return Decision(
             "wait",
             f"{now_part}; once GPUs free up or cool down {best_idle.host} {_gpus(best_idle.gpus)} "
@@ -179,7 +182,10 @@ class Scheduler:
 
     def _place(self, options: list[_Option], n: int, note: str, version: str) -> Decision:
         best = options[0]
-        kept = tuple(ScoredCandidate(o.host, o.gpus, o.p, o.slow, o.score) for o in options[: self.config.keep_candidates])
+        kept = tuple(
+            ScoredCandidate(o.host, o.gpus, o.p, o.slow, o.score)
+            for o in options[: self.config.keep_candidates]
+        )
         alt = ""
         if len(options) > 1:
             alt = f"; best alternative {options[1].host} {_gpus(options[1].gpus)} ({options[1].p:.2f})"
@@ -206,7 +212,12 @@ class Scheduler:
         host_names: list[str],
         index: np.ndarray,
     ) -> list[_Option]:
-        """Ranked placements: single GPUs for k == 1, else the best k GPUs of each host that has k feasible."""
+        """Ranked placements: single GPUs for k == 1, else the best k GPUs of each host that has k feasible.
+
+        Scores within 0.02 count as equal; among equals, best fit (fewest GPUs
+        left on the host) keeps whole hosts free for the next multi-GPU job --
+        without it, near-identical scores scatter small jobs over every host.
+        """
         score = np.where(feasible, p / slow, -np.inf)
         n_ok = np.bincount(host_id, weights=feasible, minlength=len(host_names)).astype(np.int64)
         if k == 1:
@@ -214,26 +225,39 @@ class Scheduler:
             bucket = -np.round(score[rows] / 0.02)
             top = rows[np.lexsort((n_ok[host_id[rows]], bucket))]
             return [
-                _Option(host_names[host_id[r]], (int(index[r]),), float(p[r]), float(slow[r]), int(n_ok[host_id[r]]) - 1)
+                _Option(
+                    host_names[host_id[r]],
+                    (int(index[r]),),
+                    float(p[r]),
+                    float(slow[r]),
+                    int(n_ok[host_id[r]]) - 1,
+                )
                 for r in top[: max(self.config.keep_candidates, 2)]
             ]
         order = np.lexsort((-score, host_id))  # by host, best first within a host
         hs = host_id[order]
         first = np.searchsorted(hs, hs, side="left")
         rank = np.arange(len(order)) - first
-        take = order[(rank < k) & (n_ok[hs] >= k)]
+        take = order[(rank < k) & (n_ok[hs] >= k)]  # contiguous per host, k rows each
         if len(take) == 0:
             return []
-        th = host_id[take]
-        log_p = np.bincount(th, weights=np.log(np.maximum(p[take], 1e-12)), minlength=len(host_names))
-        worst = np.zeros(len(host_names))
-        np.maximum.at(worst, th, slow[take])
-        out = []
-        for h in np.unique(th):
-            gpus = tuple(sorted(int(g) for g in index[take[th == h]]))
-            out.append(_Option(host_names[h], gpus, float(np.exp(log_p[h])), float(worst[h]), int(n_ok[h]) - k))
-        out.sort(key=_Option.rank_key)
-        return out
+        hosts = host_id[take[::k]]
+        p_host = np.exp(np.log(np.maximum(p[take], 1e-12)).reshape(-1, k).sum(axis=1))
+        slow_host = slow[take].reshape(-1, k).max(axis=1)
+        left = n_ok[hosts] - k
+        bucket = -np.round(p_host / slow_host / 0.02)
+        best = np.lexsort((left, bucket))[: max(self.config.keep_candidates, 2)]
+        gpus = np.sort(index[take].reshape(-1, k), axis=1)
+        return [
+            _Option(
+                host_names[hosts[i]],
+                tuple(int(g) for g in gpus[i]),
+                float(p_host[i]),
+                float(slow_host[i]),
+                int(left[i]),
+            )
+            for i in best
+        ]
 
     def _pin_mask(
         self,
@@ -264,7 +288,7 @@ class Scheduler:
         missing = sorted(set(pinned) - set(index[chosen].tolist()))
         if missing:
             return f"{job.host} has no GPU {missing[0]} (it has {host_count})"
-        for r in np.nonzero(chosen)[0]:
+        for r in np.nonzero(chosen)[0].tolist():
             if candidates[r].state == "lost":
                 return f"pinned {job.host} GPU {index[r]} is lost"
             if job.mem_mib > total[r]:
@@ -350,7 +374,9 @@ def _idealize(x: np.ndarray, host_id: np.ndarray, n_hosts: int) -> tuple[np.ndar
     np.minimum.at(host_min, host_id, temp)
     t_idle = np.minimum(temp, host_min[host_id] + 3.0)
     slow_c = x[:, 1] + temp
-    mean_idle = (np.bincount(host_id, weights=t_idle, minlength=n_hosts) / np.bincount(host_id, minlength=n_hosts))[host_id]
+    mean_idle = (
+        np.bincount(host_id, weights=t_idle, minlength=n_hosts) / np.bincount(host_id, minlength=n_hosts)
+    )[host_id]
     total, limit = x[:, 7].astype(np.float64), x[:, 11].astype(np.float64)
     power = limit - x[:, 9]
     headroom = limit - np.minimum(power, 0.2 * limit)
@@ -373,7 +399,9 @@ def _risk(job: JobRequest, total: np.ndarray) -> str:
     if job.mem_mib <= 0:
         return ""
     frac = job.mem_mib / float(total.max())
-    return f" (needs {job.mem_mib / GIB:.1f} GiB, {100 * frac:.0f} % of the largest GPU)" if frac > 0.85 else ""
+    return (
+        f" (needs {job.mem_mib / GIB:.1f} GiB, {100 * frac:.0f} % of the largest GPU)" if frac > 0.85 else ""
+    )
 
 
 def _gpus(gpus: Sequence[int]) -> str:

@@ -31,7 +31,7 @@ import numpy as np
 import xgboost as xgb
 
 from aether_desktop.services.fleetsim import GPU_MODELS, FleetSim, HostSpec, SimJob, SimOutcome
-from aether_desktop.services.jobtypes import GpuCandidate, JobRequest
+from aether_desktop.services.jobtypes import GpuCandidate, JobKind, JobRequest
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +216,7 @@ def _simulate_fleet(rng: np.random.Generator, tag: str, n_jobs: int, out: _Rows)
 
 
 def _random_job(rng: np.random.Generator, job_id: str) -> tuple[JobRequest, SimJob]:
-    kind = "training" if rng.random() < 0.7 else "inference"
+    kind: JobKind = "training" if rng.random() < 0.7 else "inference"
     num = int(rng.choice([1, 2, 4, 8], p=[0.6, 0.15, 0.15, 0.1]))
     work = float(np.clip(rng.lognormal(np.log(700.0), 0.9), 60.0, 7200.0))
     declared = float(rng.uniform(0.03, 1.0) * 81920.0)
@@ -294,10 +294,14 @@ def train(data: TrainingData, seed: int = 0, rounds: int = 80, note: str = "simu
     val = rng.random(len(data)) < 0.2
     tr = ~val
     t0 = time.perf_counter()
-    dtr = xgb.DMatrix(data.x[tr], label=data.success[tr], weight=weight[tr], feature_names=list(FEATURE_NAMES))
+    dtr = xgb.DMatrix(
+        data.x[tr], label=data.success[tr], weight=weight[tr], feature_names=list(FEATURE_NAMES)
+    )
     clf = xgb.train(_params("binary:logistic", _MONO_P, seed), dtr, num_boost_round=rounds)
     good = tr & (data.success == 1)
-    dreg = xgb.DMatrix(data.x[good], label=data.slowdown[good], weight=weight[good], feature_names=list(FEATURE_NAMES))
+    dreg = xgb.DMatrix(
+        data.x[good], label=data.slowdown[good], weight=weight[good], feature_names=list(FEATURE_NAMES)
+    )
     reg = xgb.train(_params("reg:squarederror", _MONO_SLOW, seed), dreg, num_boost_round=rounds // 2)
     model = SchedulerModel(clf, reg, {})
     p, s = model.predict(data.x[val])
@@ -316,7 +320,9 @@ def train(data: TrainingData, seed: int = 0, rounds: int = 80, note: str = "simu
             "auc": float(roc_auc_score(y, p)) if 0 < y.sum() < len(y) else None,
             "accuracy": float(((p >= 0.5) == (y == 1)).mean()),
             "failure_rate": float(1.0 - y.mean()),
-            "slowdown_mae": float(np.abs(s[good_val] - data.slowdown[val][good_val]).mean()) if good_val.any() else None,
+            "slowdown_mae": float(np.abs(s[good_val] - data.slowdown[val][good_val]).mean())
+            if good_val.any()
+            else None,
         },
     }
     return model
@@ -342,7 +348,11 @@ class ModelStore:
         base = self.directory / f"scheduler-v{version}"
         model.clf.save_model(f"{base}.ubj")
         model.reg.save_model(f"{base}.slowdown.ubj")
-        model.meta = {**model.meta, "version": version, "files": [f"{base.name}.ubj", f"{base.name}.slowdown.ubj"]}
+        model.meta = {
+            **model.meta,
+            "version": version,
+            "files": [f"{base.name}.ubj", f"{base.name}.slowdown.ubj"],
+        }
         # The sidecar is written last: a version exists only once it is complete.
         tmp = base.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(model.meta, indent=2))

@@ -135,6 +135,8 @@ class MainWindow(QMainWindow):
         self.demo_prompt.start_demo_requested.connect(self.start_demo_requested)
         self._message_timer.timeout.connect(self._on_message_timeout)
         state.notice.connect(self._on_notice)
+        state.fleet_tick.connect(self._on_first_data)
+        self._auto_selected = False
 
     # ------------------------------------------------------------------ hooks for other features
 
@@ -234,6 +236,7 @@ class MainWindow(QMainWindow):
 
     def _build_toolbar(self) -> None:
         tb = self.addToolBar("Fleet")
+        self.toolbar = tb  # other features (jobs) add their actions here
         tb.setObjectName("fleet_toolbar")
         tb.setMovable(False)
         self.sleep_gpus_action.setIconText("Sleep")
@@ -278,6 +281,18 @@ class MainWindow(QMainWindow):
         self._selected = list(keys)
         self.plots.set_keys(self._selected)
         self._update_actions()
+
+    def _on_first_data(self) -> None:
+        # A new user should see curves at once: pick the first GPUs the first time any arrive.
+        if self._auto_selected:
+            return
+        keys = self._state.fleet.keys()
+        if not keys:
+            return
+        self._auto_selected = True
+        self._state.fleet_tick.disconnect(self._on_first_data)
+        if not self._selected:
+            self.table.select_keys(keys[:4])
 
     def _on_heatmap_clicked(self, key: Key) -> None:
         self.table.select_keys([key])

@@ -107,7 +107,7 @@ class FleetTray(QObject):
             fallback.clicked.connect(self.gpu_focus_requested)
         self._flush_timer = QTimer(self)
         self._flush_timer.setSingleShot(True)
-        self._flush_timer.timeout.connect(self._on_flush)
+        self._flush_timer.timeout.connect(self.flush_pending)
         bridge.alert_raised.connect(self._on_alert_raised)
         bridge.alert_updated.connect(self._on_alert_updated)
         bridge.health_changed.connect(self._on_health_changed)
@@ -142,7 +142,9 @@ class FleetTray(QObject):
         if alert.state == "active" and before is not None and SEVERITY_RANK[alert.severity] > SEVERITY_RANK[before]:
             self._on_alert_raised(alert)
 
-    def _on_flush(self) -> None:
+    def flush_pending(self) -> None:
+        """Show what the rate limit held back (one alert, or a summary); the flush timer calls this."""
+        self._flush_timer.stop()
         held = self._limiter.take_held()
         if self.paused or not held:
             return

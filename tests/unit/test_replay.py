@@ -110,7 +110,9 @@ def test_shared_gpus_overflow_memory_under_fifo_only(scheduler: Scheduler) -> No
     assert all(r.outcome == "ok" for r in aether.rows)
 
 
-def test_cli_writes_schedule_and_summary(tmp_path: Path, model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_writes_schedule_and_summary(
+    tmp_path: Path, model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out, summary = tmp_path / "schedule.csv", tmp_path / "summary.json"
     carbon = ROOT / "data" / "carbon" / "gb_2020_ci.csv"
     rc = main(
@@ -123,7 +125,16 @@ def test_cli_writes_schedule_and_summary(tmp_path: Path, model_dir: Path, capsys
     assert list(rows[0]) == ["job_id", "host", "gpus", "submit_s", "start_s", "end_s", "outcome", "energy_j"]
     assert {r["outcome"] for r in rows} <= {"ok", "oom", "thermal", "failed", "rejected"}
     s = json.loads(summary.read_text())
-    for key in ("jobs", "completed", "failed", "mean_jct_s", "p95_jct_s", "mean_wait_s", "makespan_s", "energy_kwh"):
+    for key in (
+        "jobs",
+        "completed",
+        "failed",
+        "mean_jct_s",
+        "p95_jct_s",
+        "mean_wait_s",
+        "makespan_s",
+        "energy_kwh",
+    ):
         assert key in s
     assert s["carbon_kg"] > 0
     assert '"policy": "aether"' in capsys.readouterr().out

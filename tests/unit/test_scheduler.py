@@ -195,7 +195,9 @@ def test_retrain_from_fleet_rows_saves_the_next_version(tmp_path: Path, model_di
     for name in ("scheduler-v1.json", "scheduler-v1.ubj", "scheduler-v1.slowdown.ubj"):
         (tmp_path / name).write_bytes((model_dir / name).read_bytes())
     cands = fleet()
-    rows = np.vstack([placement_features(job(mem_mib=m), cands, "gpu-node-01", [0]) for m in range(1000, 41000, 500)])
+    rows = np.vstack(
+        [placement_features(job(mem_mib=m), cands, "gpu-node-01", [0]) for m in range(1000, 41000, 500)]
+    )
     ok = (np.arange(len(rows)) % 5 != 0).astype(float)
     new = retrain(store, TrainingData(rows, ok, np.full(len(rows), 1.05)), seed=1, sim_jobs=1200)
     assert new.version == "v2" and new.meta["fleet_rows"] == len(rows)

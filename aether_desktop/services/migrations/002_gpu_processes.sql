@@ -11,5 +11,7 @@ CREATE TABLE gpu_processes (
     CONSTRAINT gpu_processes_key UNIQUE (host, boot, seq, gpu_index, pid)
 );
 
+-- Only BRIN beside the unique key: this table grows as fast as telemetry, and
+-- a second btree would cost ingest more than the rare "which processes ran
+-- on this GPU" query gains (BRIN on ts + a filter serves it).
 CREATE INDEX gpu_processes_ts_brin ON gpu_processes USING brin (ts);
-CREATE INDEX gpu_processes_host_gpu_ts ON gpu_processes (host, gpu_index, ts);
