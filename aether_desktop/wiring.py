@@ -32,11 +32,7 @@ def fleet_candidates(fleet: FleetState) -> Callable[[], list[GpuCandidate]]:
             if r.state == "offline":
                 continue
             v = r.values
-
-            def num(name: str, default: float = 0.0) -> float:
-                x = v.get(name)
-                return default if x is None or x != x else float(x)
-
+            num = _num_reader(v)
             out.append(GpuCandidate(
                 host=r.key[0], index=r.key[1], model=r.name, state=r.state,
                 temp_c=num("temp_c", 40.0), mem_used_mib=num("mem_used_mib"),
@@ -47,6 +43,14 @@ def fleet_candidates(fleet: FleetState) -> Callable[[], list[GpuCandidate]]:
         return out
 
     return candidates
+
+
+def _num_reader(values: dict[str, float | None]) -> Callable[..., float]:
+    def num(name: str, default: float = 0.0) -> float:
+        x = values.get(name)
+        return default if x is None or x != x else float(x)  # x != x: NaN
+
+    return num
 
 
 class JobsRuntime:
