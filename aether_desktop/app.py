@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "detect": "aether_desktop.cli.detect",
     "replay": "aether_desktop.cli.replay",
     "submit": "aether_desktop.cli.submit",
+    "connect-info": "aether_desktop.cli.connect_info",
 }
 
 
@@ -26,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Aether: desktop control station for fleets of NVIDIA GPU hosts. With no options it starts "
         "an embedded NATS server and an embedded PostgreSQL and opens the window.",
         epilog="Subcommands: 'aether detect --help' (offline alert detection on recorded telemetry), "
-        "'aether replay --help' (what-if scheduling replay), 'aether submit --help' (submit a job). "
+        "'aether replay --help' (what-if scheduling replay), 'aether submit --help' (submit a job), 'aether connect-info' (how an agent reaches the embedded server). "
         "Environment: AETHER_NATS, AETHER_NATS_USER, AETHER_NATS_PASSWORD, AETHER_NATS_TOKEN, "
         "AETHER_NATS_CREDS, AETHER_DB_DSN, AETHER_DATA_DIR, AETHER_SUBJECT_PREFIX, AETHER_DEMO, "
         "AETHER_LOG_LEVEL. Precedence: flags > environment > config file > defaults.",

@@ -122,9 +122,10 @@ def main(argv: list[str]) -> int:
     records = alert_records(run_offline(pipeline, messages))
     try:
         with contextlib.ExitStack() as stack:
-            f = sys.stdout if args.output == "-" else stack.enter_context(open(args.output, "w", encoding="utf-8"))
+            sink: TextIO = (sys.stdout if args.output == "-"
+                            else stack.enter_context(open(args.output, "w", encoding="utf-8")))
             for r in records:
-                f.write(json.dumps(r) + "\n")
+                sink.write(json.dumps(r) + "\n")
     except OSError as exc:
         print(f"aether detect: cannot write {args.output}: {exc}", file=sys.stderr)
         return 1

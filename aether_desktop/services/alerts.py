@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import uuid
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -146,6 +147,8 @@ class AlertManager:
         self._by_group: dict[tuple[str, str], str] = {}  # (host, kind) -> open alert id
         self._by_gpu: dict[tuple[str, int, str], str] = {}  # (host, gpu, detector) -> open alert id
         self._last_seen: dict[tuple[str, int], float] = {}
+        # The tick may run in a worker thread while the operator acknowledges on the loop.
+        self._lock = threading.RLock()
         self.on_alert_raised: Callbacks[Alert] = Callbacks()
         self.on_alert_updated: Callbacks[Alert] = Callbacks()
         self.on_alert_cleared: Callbacks[Alert] = Callbacks()
@@ -153,7 +156,8 @@ class AlertManager:
     # ------------------------------------------------------------------ queries
 
     def open_alerts(self) -> list[Alert]:
-        return [o.alert for o in self._open.values()]
+        with self._lock:
+            return [o.alert for o in self._open.values()]
 
     def get(self, alert_id: str) -> Alert | None:
         o = self._open.get(alert_id)
@@ -172,18 +176,20 @@ class AlertManager:
     # ------------------------------------------------------------------ operator actions
 
     def acknowledge(self, alert_id: str, now: float) -> Alert | None:
-        o = self._open.get(alert_id)
-        if o is None:
-            return None
-        o.alert = replace(o.alert, state="acknowledged", acked_ts=now, snoozed_until=None)
+        with self._lock:
+            o = self._open.get(alert_id)
+            if o is None:
+                return None
+            o.alert = replace(o.alert, state="acknowledged", acked_ts=now, snoozed_until=None)
         self.on_alert_updated.emit(o.alert)
         return o.alert
 
     def snooze(self, alert_id: str, until: float) -> Alert | None:
-        o = self._open.get(alert_id)
-        if o is None:
-            return None
-        o.alert = replace(o.alert, state="snoozed", snoozed_until=until)
+        with self._lock:
+            o = self._open.get(alert_id)
+            if o is None:
+                return None
+            o.alert = replace(o.alert, state="snoozed", snoozed_until=until)
         self.on_alert_updated.emit(o.alert)
         return o.alert
 
@@ -198,12 +204,28 @@ class AlertManager:
 
     # ------------------------------------------------------------------ the tick
 
-    def update(self, now: float, seen: Mapping[tuple[str, int], float], findings: Iterable[Finding]) -> list[AlertChange]:
+    def update(self, now: float, seen: Mapping[tuple[str, int], float], findings: Iterable[Finding],
+               emit: bool = True) -> list[AlertChange]:
         """One tick: ``seen`` maps (host, gpu) -> newest sample ts processed; ``findings`` per sample.
 
         Findings must be in sample order per GPU. Every GPU in ``seen`` without a
         finding for a tracked detector counts as one healthy sample for it.
+        With ``emit=False`` (a tick run in a worker thread) the caller passes the
+        changes to ``emit`` on the event loop, so listeners never run off-loop.
         """
+        with self._lock:
+            changes = self._update(now, seen, findings)
+        if emit:
+            self.emit(changes)
+        return changes
+
+    def emit(self, changes: Iterable[AlertChange]) -> None:
+        for ch in changes:
+            {"raised": self.on_alert_raised, "updated": self.on_alert_updated,
+             "cleared": self.on_alert_cleared}[ch.change].emit(ch.alert)
+
+    def _update(self, now: float, seen: Mapping[tuple[str, int], float], findings: Iterable[Finding]
+                ) -> list[AlertChange]:
         changes: list[AlertChange] = []
         hit_keys: set[tuple[str, int, str]] = set()
         for f in findings:
@@ -226,9 +248,6 @@ class AlertManager:
                     del self._trackers[key]
         self._last_seen.update(seen)
         changes.extend(self._expire(now))
-        for ch in changes:
-            {"raised": self.on_alert_raised, "updated": self.on_alert_updated,
-             "cleared": self.on_alert_cleared}[ch.change].emit(ch.alert)
         return changes
 
     # ------------------------------------------------------------------ internals

@@ -492,7 +492,7 @@ async def load_history_ticks(pool: Any, start: float, end: float) -> list[list[T
     async with pool.connection() as conn, conn.cursor() as cur:
         await cur.execute(HISTORY_SQL, (start, end))
         rows = await cur.fetchall()
-    msgs: dict[tuple[str, str, int], tuple[float, str, list[GpuSample]]] = {}
+    msgs: dict[tuple[str, str, int], tuple[float, Any, list[GpuSample]]] = {}
     for r in rows:
         procs = [Process(pid=int(pid), mem_used_mib=m) for pid, m in zip(r[19] or (), r[20] or (), strict=False)]
         g = GpuSample(index=r[5], uuid=r[6], name=r[7], state=r[8], temp_c=r[9], mem_used_mib=r[10],

@@ -14,16 +14,35 @@ the manager's listeners).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from aether_desktop.services.alerts import AlertChange, AlertManager, AlertPolicy
-from aether_desktop.services.anomaly import AnomalyModel
+from aether_desktop.services.alerts import (
+    AlertChange,
+    AlertManager,
+    AlertPolicy,
+    AlertRepository,
+    AlertWriter,
+    Callbacks,
+)
+from aether_desktop.services.anomaly import (
+    AnomalyModel,
+    ModelStore,
+    describe,
+    ensure_model,
+    load_history_ticks,
+    retrain_async,
+)
 from aether_desktop.services.features import FEATURE_KIND, FEATURE_NAMES, Columns, FeatureExtractor
 from aether_desktop.services.rules import Finding, RuleEngine, RulesConfig
 from aether_protocol import GpuSample, Telemetry
@@ -53,6 +72,7 @@ class DetectionPipeline:
         self.features = FeatureExtractor(model.params if model else None)
         self.stats = DetectionStats()
         self._pending: list[Telemetry] = []
+        self._pending_lock = threading.Lock()
         self._last_ts: dict[str, float] = {}
         self._flagged = np.zeros(0, dtype=bool)
         self.scores: dict[tuple[str, int], float] = {}  # latest model score per GPU (for the UI)
@@ -63,11 +83,14 @@ class DetectionPipeline:
         self.features.set_params(model.params)
 
     def add(self, msg: Telemetry) -> None:
-        self._pending.append(msg)
+        with self._pending_lock:  # the tick may be swapping the queue in a worker thread
+            self._pending.append(msg)
 
-    def tick(self, now: float) -> list[AlertChange]:
+    def tick(self, now: float, emit: bool = True) -> list[AlertChange]:
+        """Process everything added since the last tick; ``emit=False``: see ``AlertManager.update``."""
         t0 = time.perf_counter()
-        msgs, self._pending = self._pending, []
+        with self._pending_lock:
+            msgs, self._pending = self._pending, []
         by_host: dict[str, list[Telemetry]] = {}
         for m in sorted(msgs, key=lambda m: m.ts):
             if m.ts <= self._last_ts.get(m.host, -math.inf):
@@ -107,7 +130,7 @@ class DetectionPipeline:
         if feats and self.model is not None:
             findings.extend(self._score(np.concatenate(feats), cols))
         findings.sort(key=lambda f: f.ts)  # stable: per-GPU sample order is kept
-        changes = self.manager.update(now, seen, findings)
+        changes = self.manager.update(now, seen, findings, emit=emit)
         self.stats.last_tick_ms = (time.perf_counter() - t0) * 1000.0
         return changes
 
@@ -181,3 +204,94 @@ def run_offline(pipeline: DetectionPipeline, messages: Iterable[Telemetry], tick
     if next_tick is not None:
         changes.extend(pipeline.tick(next_tick))
     return changes
+
+
+class AlertsRuntime:
+    """Station glue (no Qt): model on first start, 1 Hz ticks off the loop, persistence, retraining.
+
+    ``start()`` loads the newest model (or bootstraps one) in a worker thread;
+    until then the rules run alone. Ticks run in a single worker thread so a
+    big fleet never stalls the UI; alert callbacks are emitted back on the loop.
+    ``open_db(store)`` restores open alerts and starts the write-behind writer.
+    """
+
+    def __init__(self, model_dir: Path, tick_s: float = 1.0, clock: Callable[[], float] = time.time) -> None:
+        self.store = ModelStore(model_dir)
+        self.pipeline = DetectionPipeline(None)
+        self.tick_s = tick_s
+        self._clock = clock
+        self._pool: Any = None
+        self._writer: AlertWriter | None = None
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aether-detect")
+        self.on_model_info: Callbacks[str] = Callbacks()
+        self.on_progress: Callbacks[tuple[float, str]] = Callbacks()  # called from worker threads
+
+    @property
+    def manager(self) -> AlertManager:
+        return self.pipeline.manager
+
+    def on_telemetry(self, msg: Telemetry, _received_at: float = 0.0) -> None:
+        self.pipeline.add(msg)
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._tasks.append(asyncio.create_task(self._ticks(), name="alerts-tick"))
+        model = await loop.run_in_executor(None, ensure_model, self.store, self._progress)
+        self._adopt(model)
+
+    async def open_db(self, store: Any) -> None:
+        self._pool = store.pool
+        repo = AlertRepository(self._pool)
+        self.manager.restore(await repo.load_open(), self._clock())
+        self._writer = AlertWriter(repo, self.manager, lambda: self.pipeline.model.version
+                                   if self.pipeline.model else None)
+        self._tasks.append(asyncio.create_task(self._writer.run(), name="alerts-writer"))
+
+    async def retrain(self, hours: float = 24.0) -> AnomalyModel:
+        """Retrain on the last ``hours`` of stored telemetry; GPUs under an alert are left out."""
+        if self._pool is None or self.pipeline.model is None:
+            raise RuntimeError("retraining needs the history database and a loaded model")
+        end = self._clock()
+        start = end - hours * 3600.0
+        ticks = await load_history_ticks(self._pool, start, end)
+        alerts = await AlertRepository(self._pool).recent(since=start, limit=100_000)
+        windows = [(a.host, set(a.gpus), a.first_ts - 60.0, (a.cleared_ts or end) + 60.0) for a in alerts]
+
+        def exclude(host: str, gpu: int, ts: float) -> bool:
+            return any(h == host and gpu in g and lo <= ts <= hi for h, g, lo, hi in windows)
+
+        model = await retrain_async(ticks, self.pipeline.model, self.store, self._progress, exclude)
+        self._adopt(model)
+        await AlertRepository(self._pool).save_model_info(model.info)
+        return model
+
+    async def stop(self) -> None:
+        if self._writer is not None:
+            try:
+                await asyncio.wait_for(self._writer.flush(), 5.0)
+            except TimeoutError:
+                log.warning("some alert changes were not stored before shutdown")
+        for t in self._tasks:
+            t.cancel()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def _adopt(self, model: AnomalyModel) -> None:
+        self.pipeline.set_model(model)
+        self.on_model_info.emit(describe(model))
+
+    def _progress(self, fraction: float, stage: str) -> None:
+        self.on_progress.emit((fraction, stage))
+
+    async def _ticks(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            now = self._clock()
+            await asyncio.sleep(self.tick_s - now % self.tick_s)
+            try:
+                changes = await loop.run_in_executor(self._executor, lambda: self.pipeline.tick(self._clock(),
+                                                                                                 emit=False))
+            except (ValueError, IndexError, FloatingPointError) as exc:
+                log.exception("detection tick failed (%s); the next tick tries again", exc)
+                continue
+            self.manager.emit(changes)

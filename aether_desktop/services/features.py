@@ -187,7 +187,7 @@ class FeatureExtractor:
 
     def _alloc(self, cap: int) -> None:
         def grow(name: str, shape: tuple[int, ...], fill: float, dtype: type = np.float64) -> None:
-            new = np.full((cap, *shape), fill, dtype=dtype)
+            new: npt.NDArray[Any] = np.full((cap, *shape), fill, dtype=dtype)
             old = getattr(self, name, None)
             if old is not None:
                 new[: self._cap] = old
@@ -303,7 +303,7 @@ class FeatureExtractor:
         mem_growth = np.where(same_procs, _slope(ts_w, self.r_mem[s]), 0.0)
         una_growth = _slope(ts_w, self.r_una[s])
         busy = util >= 5.0
-        clk = np.nan_to_num(c.sm_clock, nan=self.max_sm[s])
+        clk = np.where(np.isfinite(c.sm_clock), c.sm_clock, self.max_sm[s])
         clock_deficit = np.where(busy, np.clip(1.0 - clk / self.max_sm[s], 0.0, 1.0), 0.0)
         slow = np.where(np.isfinite(c.slowdown), c.slowdown, self.slow[s])
         headroom = slow - temp

@@ -372,7 +372,9 @@ class FleetState:
         h = self.history_s
         head = self._head_sec
         if sec > head:
-            if head < 0 or sec - head >= h:
+            if head < 0:
+                pass  # nothing written yet: the ring is still all NaN (filling 1 GB would stall the loop)
+            elif sec - head >= h:
                 self._ring.fill(np.nan)
             else:
                 cols = np.arange(head + 1, sec + 1) % h
@@ -526,7 +528,7 @@ class FleetState:
             used = self.matrix("mem_used_mib", now, rows)
             total = self.matrix("mem_total_mib", now, rows)
             with np.errstate(invalid="ignore", divide="ignore"):
-                pct = 100.0 * used / total
+                pct: np.ndarray = 100.0 * used / total
             pct[~np.isfinite(pct)] = np.nan
             return pct
         m = _RING_INDEX[metric]

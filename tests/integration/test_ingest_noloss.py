@@ -90,7 +90,14 @@ async def wait_for(cond: Callable[[], Awaitable[bool]] | Callable[[], bool], wha
         if res:
             return
         await asyncio.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+    raise AssertionError(f"timed out waiting for {what}{_context()}")
+
+
+_last_ingest: list[JetStreamIngest] = []
+
+
+def _context() -> str:
+    return f" (ingest status: {_last_ingest[-1].status})" if _last_ingest else ""
 
 
 async def count_rows(dsn: str) -> int:
@@ -135,7 +142,9 @@ async def store(pg_dsn: str) -> AsyncIterator[Store]:
 
 def make_ingest(nc: NatsClient, store: Store, **kw: object) -> JetStreamIngest:
     kw.setdefault("status_interval_s", 0.2)
-    return JetStreamIngest(nc, store, **kw)  # type: ignore[arg-type]
+    ingest = JetStreamIngest(nc, store, **kw)  # type: ignore[arg-type]
+    _last_ingest.append(ingest)
+    return ingest
 
 
 # --------------------------------------------------------------------------- (1) station restart

@@ -149,3 +149,36 @@ def test_sql_row_round_trip() -> None:
     assert row[-1] == "v1"
     back = alert_from_row(row[:-1])
     assert back == a
+
+
+async def test_runtime_ticks_in_a_worker_and_emits_on_the_loop(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+    import threading
+
+    from aether_desktop.services.anomaly import ModelStore, bootstrap, simulated_messages
+    from aether_desktop.services.detection import AlertsRuntime
+
+    ModelStore(tmp_path).save(bootstrap(seed=2, hosts=1, gpus=2, seconds=700))
+    now = [1.7e9]
+    rt = AlertsRuntime(tmp_path, tick_s=0.01, clock=lambda: now[0])
+    infos: list[str] = []
+    rt.on_model_info.connect(infos.append)
+    raised: list[tuple[Alert, bool]] = []
+    rt.manager.on_alert_raised.connect(lambda a: raised.append((a, threading.current_thread() is threading.main_thread())))
+    await rt.start()
+    assert infos and "v1" in infos[0]
+    for tick in simulated_messages(1, 2, 40, seed=9, faults={0: ["xid_storm:gpu=1,at=20,code=48"]}, start_ts=1.7e9):
+        for m in tick:
+            rt.on_telemetry(m, m.ts)
+        now[0] = tick[0].ts + 0.5
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if rt.pipeline.stats.messages and not rt.pipeline._pending:
+                break
+    for _ in range(200):
+        if raised:
+            break
+        await asyncio.sleep(0.01)
+    await rt.stop()
+    [(a, on_loop)] = raised
+    assert a.kind == "xid" and a.gpus == (1,) and a.first_ts == 1.7e9 + 20 and on_loop

@@ -1,0 +1,107 @@
+"""The whole station without a window: real nats-server, real PostgreSQL, real agent processes."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from aether_desktop.config import StationConfig
+from aether_desktop.station import Station
+from aether_desktop.wiring import wire_services
+from tests.integration.agent_proc import start_agent, stop_agent
+
+pytestmark = pytest.mark.integration
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.connection: list[tuple[str, str]] = []
+        self.db: list[tuple[bool, int, str]] = []
+        self.notices: list[tuple[str, str]] = []
+
+    def set_connection(self, state: str, detail: str) -> None:
+        self.connection.append((state, detail))
+
+    def set_db_status(self, ok: bool, waiting: int, detail: str) -> None:
+        self.db.append((ok, waiting, detail))
+
+    def post_notice(self, level: str, text: str) -> None:
+        self.notices.append((level, text))
+
+
+async def wait_for(pred, timeout: float = 40.0) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await pred() if asyncio.iscoroutinefunction(pred) else pred():
+            return True
+        await asyncio.sleep(0.2)
+    return False
+
+
+async def test_station_shows_a_hand_started_agent_and_stores_its_history(
+        nats_url: str, pg_dsn: str, tmp_path: Path) -> None:
+    cfg = StationConfig(nats_servers=(nats_url,), db_dsn=pg_dsn, data_dir=tmp_path / "data")
+    sink = Sink()
+    station = Station(cfg, sink)
+    wire_services(station)
+    await station.start()
+    agent = start_agent(nats_url, "hand-01", "--simulate", "3", "--interval", "0.5", log=tmp_path / "a.log")
+    try:
+        assert await wait_for(lambda: station.fleet.n_slots == 3), (tmp_path / "a.log").read_text()
+        assert station.fleet.host_online("hand-01", time.time())
+        assert await station.wait_db(60)
+
+        async def stored() -> bool:
+            async with await psycopg.AsyncConnection.connect(pg_dsn) as conn:
+                cur = await conn.execute("SELECT count(DISTINCT seq), count(*) FROM telemetry WHERE host='hand-01'")
+                seqs, rows = await cur.fetchone()  # type: ignore[misc]
+                return bool(seqs >= 4 and rows == seqs * 3)
+
+        assert await wait_for(stored, timeout=60)
+        ok, text = await station.bus.send("hand-01", "sleep", [1])  # type: ignore[union-attr]
+        assert ok, text
+        now = time.time()
+        hist = await station.history.fetch([("hand-01", 0)], now - 300, now + 5, ["temp_c", "power_w"])
+        ts, vals = hist[("hand-01", 0)]["temp_c"]
+        assert len(ts) >= 3 and len(ts) == len(vals)
+    finally:
+        stop_agent(agent)
+    # No telemetry for 3 intervals: the host is shown offline.
+    assert await wait_for(lambda: not station.fleet.host_online("hand-01", time.time()), timeout=20)
+    await station.stop()
+    assert any(state == "connected" for state, _ in sink.connection)
+    assert any(ok for ok, _, _ in sink.db)
+
+
+async def test_station_without_database_keeps_the_live_view(nats_url: str, tmp_path: Path) -> None:
+    cfg = StationConfig(nats_servers=(nats_url,), no_db=True, data_dir=tmp_path / "data")
+    sink = Sink()
+    station = Station(cfg, sink)
+    await station.start()
+    agent = start_agent(nats_url, "live-01", "--simulate", "2", "--interval", "0.5")
+    try:
+        assert await wait_for(lambda: station.fleet.n_slots == 2)
+    finally:
+        stop_agent(agent)
+        await station.stop()
+    assert sink.db[-1][0] is True and "off" in sink.db[-1][2]
+
+
+async def test_station_reports_an_unreachable_database_and_keeps_running(nats_url: str, tmp_path: Path) -> None:
+    cfg = StationConfig(nats_servers=(nats_url,), db_dsn="postgresql://nobody@127.0.0.1:1/none",
+                        data_dir=tmp_path / "data")
+    sink = Sink()
+    station = Station(cfg, sink)
+    wire_services(station)
+    await station.start()
+    agent = start_agent(nats_url, "nodb-01", "--simulate", "1", "--interval", "0.5")
+    try:
+        assert await wait_for(lambda: station.fleet.n_slots == 1)
+        assert await wait_for(lambda: any(not ok and "unavailable" in d for ok, _, d in sink.db), timeout=20)
+    finally:
+        stop_agent(agent)
+        await station.stop()
