@@ -372,11 +372,11 @@ class FleetState:
         h = self.history_s
         head = self._head_sec
         if sec > head:
-            if head < 0:
-                pass  # nothing written yet: the ring is still all NaN (filling 1 GB would stall the loop)
-            elif sec - head >= h:
+            # Before the first write (head < 0) the ring is still all NaN: filling it
+            # again would stall the loop for a third of a second at 100,000 GPUs.
+            if head >= 0 and sec - head >= h:
                 self._ring.fill(np.nan)
-            else:
+            elif head >= 0:
                 cols = np.arange(head + 1, sec + 1) % h
                 self._ring[:, :, cols] = _NAN
             self._head_sec = sec

@@ -10,8 +10,10 @@ from aether_desktop.widgets.state import QtState
 
 CONNECT_HELP = (
     "<p>Run the headless agent (<code>aether-agent</code>) on each GPU host and point it at this "
-    "station's NATS server (the URL and credentials are in Settings; <code>aether-agent --help</code> "
-    "lists the options).</p>"
+    "station's NATS server. <code>aether connect-info</code> prints the exact command with the embedded "
+    "server's URL and generated credentials (start the station with <code>--listen 0.0.0.0</code> for "
+    "agents on other machines); <code>aether-agent --help</code> lists every option.</p>"
+    "<p>Without GPUs: <code>aether-agent --simulate 4 --nats URL</code>.</p>"
     "<p>A host appears in the fleet table with its first telemetry message, within a few seconds.</p>"
 )
 
