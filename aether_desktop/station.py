@@ -76,6 +76,7 @@ class Station:
         self.db_error: str | None = None
         self.dsn: str | None = None
         self._stoppers: list[Callable[[], Awaitable[None]]] = []
+        self._starters: list[Callable[[], object]] = []
 
     # ------------------------------------------------------------------ wiring
 
@@ -136,6 +137,8 @@ class Station:
             self.sink.set_db_status(True, 0, "history is off (--no-db)")
         if cfg.demo_hosts:
             self.start_demo(cfg.demo_hosts)
+        for fn in self._starters:
+            fn()
 
     def start_demo(self, n_hosts: int | None = None) -> None:
         if self.demo is None:
@@ -204,6 +207,10 @@ class Station:
 
     def add_db_opener(self, fn: Callable[[Any], Awaitable[None]]) -> None:
         self._db_openers.append(fn)
+
+    def add_starter(self, fn: Callable[[], object]) -> None:
+        """Called at the end of start() (background services that need the running loop)."""
+        self._starters.append(fn)
 
     def add_stopper(self, fn: Callable[[], Awaitable[None]]) -> None:
         """Called first on stop (services that hold DB connections or locks)."""

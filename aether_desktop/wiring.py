@@ -141,9 +141,23 @@ class JobsRuntime:
 
 def wire_services(station: Station) -> dict[str, Any]:
     """Attach optional services to the station. Each registers its own listeners and DB hooks."""
+    from aether_desktop.services.anomaly import default_model_dir
+    from aether_desktop.services.detection import AlertsRuntime
+
     jobs = JobsRuntime(station)
     station.add_db_opener(jobs.open)
-    return {"jobs": jobs}
+    alerts = AlertsRuntime(default_model_dir(station.cfg.data_dir))
+    station.add_telemetry_listener(alerts.on_telemetry)
+    station.add_db_opener(alerts.open_db)  # before the first ingest batch
+    station.add_stopper(alerts.stop)
+    # Spawned, not awaited: the first start trains the anomaly model in a worker thread (seconds).
+    station.add_starter(lambda: station.spawn(alerts.start(), "alerts"))
+
+    def log_alert(alert: Any) -> None:
+        log.warning("alert %s: %s %s on %s: %s", alert.id, alert.severity, alert.kind, alert.host, alert.message)
+
+    alerts.manager.on_alert_raised.connect(log_alert)
+    return {"jobs": jobs, "alerts": alerts}
 
 
 def wire_gui(station: Station, state: Any, window: Any, app: Any, closing: asyncio.Event,
@@ -153,6 +167,7 @@ def wire_gui(station: Station, state: Any, window: Any, app: Any, closing: async
     from aether_desktop.widgets.jobs_bridge import JobsBridge
     from aether_desktop.widgets.jobs_view import JobsView
 
+    _wire_alerts_gui(station, state, window, closing, services["alerts"])
     jobs: JobsRuntime = services["jobs"]
     bridge = JobsBridge(list_jobs=jobs.list_jobs, submit=jobs.submit, cancel=jobs.cancel,
                         resubmit=jobs.resubmit, fetch_log=jobs.fetch_log, parent=window)
@@ -177,6 +192,71 @@ def wire_gui(station: Station, state: Any, window: Any, app: Any, closing: async
     window.submit_job_action = act
     if hasattr(window, "toolbar"):
         window.toolbar.addAction(act)
+
+
+def _wire_alerts_gui(station: Station, state: Any, window: Any, closing: asyncio.Event, alerts: Any) -> None:
+    from aether_desktop.services.anomaly import describe
+    from aether_desktop.widgets.alerts_bridge import AlertsBridge
+    from aether_desktop.widgets.alerts_panel import AlertsPanel
+    from aether_desktop.widgets.notifications import NotificationArea
+    from aether_desktop.widgets.tray import FleetTray
+
+    bridge = AlertsBridge(alerts.manager, parent=window)
+    alerts.on_model_info.connect(bridge.model_info_changed.emit)
+    alerts.on_progress.connect(lambda p: bridge.retrain_progress.emit(*p))
+    if alerts.pipeline.model is not None:
+        bridge.model_info_changed.emit(describe(alerts.pipeline.model))
+    bridge.retrain_requested.connect(lambda: station.spawn(alerts.retrain(24), "anomaly retrain"))
+    panel = AlertsPanel(bridge)
+    window.add_tab(panel, "Alerts")
+    panel.gpu_focus_requested.connect(window.focus_gpu)
+    area = NotificationArea(parent=window.centralWidget())
+    area.clicked.connect(window.focus_gpu)
+    tray = FleetTray(bridge, fallback=area, parent=window)
+    tray.show_window_requested.connect(lambda: window.focus_gpu_window())
+    tray.quit_requested.connect(closing.set)
+    tray.gpu_focus_requested.connect(window.focus_gpu)
+    window.alerts_panel, window.tray, window.notifications = panel, tray, area
+    _wire_demo_menu(station, window)
+    window.close_to_tray = bool(station.cfg.close_to_tray and tray.uses_system_tray)
+
+
+def _wire_demo_menu(station: Station, window: Any) -> None:
+    """Demo → Inject fault: run-time fault injection into simulated agents (inject_fault command)."""
+    from PySide6.QtGui import QAction
+
+    from aether_desktop.widgets.fault_dialog import FaultDialog
+
+    def send(host: str, spec: str) -> None:
+        async def go() -> None:
+            if station.bus is None:
+                station.sink.post_notice("error", "not connected to NATS")
+                return
+            ok, text = await station.bus.send(host, "inject_fault", spec=spec)
+            station.sink.post_notice("info" if ok else "error", text.replace("inject_fault", f"fault {spec} on"))
+
+        station.spawn(go(), "inject fault")
+
+    def open_dialog() -> None:
+        hosts = sorted({k[0] for k in station.fleet.keys()})
+        sel = window.selected_keys
+        host, gpu = (sel[0] if sel else (None, 0))
+        dialog = FaultDialog(hosts, host, gpu, parent=window)
+        dialog.inject.connect(send)
+        dialog.open()
+
+    def start_demo() -> None:
+        station.start_demo()
+        window._state.set_demo_active(True)
+
+    menu = window.menuBar().addMenu("&Demo")
+    start = QAction("Start demo fleet", window)
+    start.triggered.connect(start_demo)
+    inject = QAction("Inject fault…", window)
+    inject.triggered.connect(open_dialog)
+    menu.addAction(start)
+    menu.addAction(inject)
+    window.inject_fault_action = inject
 
 
 def _submit(bridge: Any, req: Any) -> None:

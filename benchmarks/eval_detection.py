@@ -78,8 +78,10 @@ def build(quick: bool, seed: int) -> tuple[list[Host], float, int]:
     normal_s = duration
     for h in range(n_normal):
         name = f"n{h}"
+        # Mixed boards too: the first-start model must not cry wolf on an L4 or an A100.
+        model = ("H100", "A100-80GB,L4", "H200,RTX4090", "A100-40GB")[h % 4]
         hosts.append(Host(name, SimulatedBackend(GPUS_PER_HOST, seed=seed + 500 + h, host=name, start_ts=START,
-                                                 background_load=(h % 4 != 3)), []))
+                                                 model=model, background_load=(h % 4 != 3)), []))
     return hosts, float(normal_s), n_normal * GPUS_PER_HOST
 
 

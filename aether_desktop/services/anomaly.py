@@ -54,6 +54,9 @@ HYST_K, HYST_N = 3, 5  # must match AlertPolicy's "model" detector (threshold is
 MIN_ROWS_PER_GROUP = 20_000
 RANGE_WEIGHT = 0.2  # score per e-fold of distance beyond the training range (in robust spreads)
 SAMPLES_PER_WEEK = 7 * 24 * 3600
+# Boards simulated for the first-start model (cycled over each host's GPUs), so
+# every common model gets its own thermal and power parameters from day one.
+BOOTSTRAP_MODELS = "H100,A100-80GB,L4,H200,A100-40GB,RTX4090,H100,A100-80GB"
 
 
 def _noop(_f: float, _m: str) -> None:
@@ -269,9 +272,14 @@ def fit_params(ticks: Iterable[Sequence[Telemetry]], base: FeatureParams | None 
         arrs = [np.array(v) for k, v in per_gpu.items() if names[k] == name and len(v) >= 120]
         if not arrs:
             continue
-        tau, amb, r = fit_thermal([(a[:, 0], a[:, 1], a[:, 2]) for a in arrs])
         allv = np.concatenate(arrs)
-        curve = fit_power_curve(allv[:, 3], allv[:, 1])
+        try:
+            tau, amb, r = fit_thermal([(a[:, 0], a[:, 1], a[:, 2]) for a in arrs])
+            curve = fit_power_curve(allv[:, 3], allv[:, 1])
+        except ValueError as exc:
+            # E.g. boards that idled the whole window: keep what we knew about them.
+            log.info("keeping previous parameters for %s: %s", name, exc)
+            continue
         slow = slowdown.get(name, by_model.get(name, GpuModelParams()).slowdown_c)
         by_model[name] = GpuModelParams(tau_s=tau, amb_c=amb, r_k_per_w=r, power_curve_w=curve,
                                         max_sm_mhz=float(allv[:, 4].max()), slowdown_c=slow)
@@ -372,7 +380,7 @@ def train(train_ticks: Sequence[Sequence[Telemetry]], val_ticks: Sequence[Sequen
 
 
 def bootstrap(seed: int = 0, progress: Progress = _noop, hosts: int = 4, gpus: int = 8,
-              seconds: int = 2400, model: str = "H100") -> AnomalyModel:
+              seconds: int = 2400, model: str = BOOTSTRAP_MODELS) -> AnomalyModel:
     """First start: train on simulated normal operation (a few seconds of CPU)."""
     progress(0.0, "simulating normal operation")
     tr = list(simulated_messages(hosts, gpus, seconds, seed=1000 + seed, model=model))

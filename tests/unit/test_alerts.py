@@ -158,7 +158,7 @@ async def test_runtime_ticks_in_a_worker_and_emits_on_the_loop(tmp_path) -> None
     from aether_desktop.services.anomaly import ModelStore, bootstrap, simulated_messages
     from aether_desktop.services.detection import AlertsRuntime
 
-    ModelStore(tmp_path).save(bootstrap(seed=2, hosts=1, gpus=2, seconds=700))
+    ModelStore(tmp_path).save(bootstrap(seed=2, hosts=1, gpus=2, seconds=700, model="H100"))
     now = [1.7e9]
     rt = AlertsRuntime(tmp_path, tick_s=0.01, clock=lambda: now[0])
     infos: list[str] = []

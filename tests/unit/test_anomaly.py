@@ -24,7 +24,7 @@ from aether_desktop.services.anomaly import (
 
 @pytest.fixture(scope="module")
 def small_model() -> AnomalyModel:
-    return bootstrap(seed=3, hosts=1, gpus=4, seconds=900)
+    return bootstrap(seed=3, hosts=1, gpus=4, seconds=900, model="H100")
 
 
 def test_flat_forest_matches_sklearn_score_samples() -> None:

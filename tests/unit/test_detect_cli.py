@@ -46,7 +46,7 @@ def test_rules_only_xid_storm(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 
 def test_model_catches_a_memory_leak(tmp_path: Path) -> None:
     store = ModelStore(tmp_path / "models")
-    store.save(bootstrap(seed=4, hosts=1, gpus=4, seconds=900))
+    store.save(bootstrap(seed=4, hosts=1, gpus=4, seconds=900, model="H100"))
     src, out = tmp_path / "t.jsonl", tmp_path / "a.jsonl"
     record(src, ["memory_leak:gpu=1,at=200"], seed=6)
     assert main(["-i", str(src), "-o", str(out), "--model-dir", str(tmp_path / "models")]) == 0

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from aether_desktop.services.fleet import STATE_LOST, STATE_OFFLINE, STATE_OK, STATE_SLEEPING, FleetState
-from aether_protocol.messages import GpuSample, Telemetry
+from aether_protocol.messages import GpuSample, Process, Telemetry
 
 T0 = 1_764_262_800.0
 
@@ -182,3 +182,114 @@ def test_rejected_counter() -> None:
     f.note_rejected("invalid_json", 2)
     assert f.rejected_total == 3 and f.version == 2
 
+
+
+# --------------------------------------------------------------------------- batched ingest
+
+
+def _nan_safe(a: np.ndarray) -> list[object]:
+    return np.where(np.isnan(a), None, a).tolist()  # type: ignore[no-any-return]
+
+
+def _state_of(f: FleetState, now: float) -> dict[str, object]:
+    """Everything observable about a FleetState except ``version`` (batches bump it once)."""
+    hosts = {
+        h.host: (h.boot, h.last_seq, h.last_ts, h.last_seen, h.interval_s, h.state, h.gpu_count, h.messages,
+                 h.samples, h.seq_gaps, h.replayed, h.restarts)
+        for h in f.hosts()
+    }
+    return {
+        "keys": f.keys(),
+        "names": f.names(),
+        "uuids": [f.uuid(r) for r in range(f.n_slots)],
+        "throttle": [f.throttle(r) for r in range(f.n_slots)],
+        "latest": {fld: _nan_safe(f.latest(fld)) for fld in ("temp_c", "power_w", "fan_pct", "n_procs", "xid")},
+        "states": f.gpu_states().tolist(),
+        "rings": {m: _nan_safe(f.matrix(m, now)) for m in ("temp_c", "util_pct", "power_limit_w")},
+        "hosts": hosts,
+        "totals": (f.messages_total, f.samples_total, f.dropped_gpus, f.too_old),
+    }
+
+
+def _traffic(seed: int) -> list[tuple[Telemetry, float]]:
+    """Messy but realistic traffic: replays, restarts, GPUs appearing, lost GPUs, skewed clocks."""
+    rng = np.random.default_rng(seed)
+    out: list[tuple[Telemetry, float]] = []
+    seqs = {f"h{k}": 0 for k in range(6)}
+    for step in range(120):
+        host = f"h{int(rng.integers(0, 6))}"
+        arrival = T0 + step * 0.25
+        seq = seqs[host]
+        seqs[host] += int(rng.integers(1, 3))  # sometimes skips one: a gap
+        ts = arrival - 0.1
+        kind = rng.random()
+        boot = "b1"
+        if kind < 0.1 and seq > 3:
+            seq, ts = seq - 2, ts - 2.0  # a replay from the agent's buffer
+        elif kind < 0.13:
+            ts = arrival + 3600  # clock far ahead
+        elif kind < 0.15 and step > 60:
+            boot = "b2"
+        n_gpus = 2 + (step > 40) + (host == "h0")
+        gpus = [
+            gpu(i, temp=float(rng.integers(30, 90)), state="lost" if rng.random() < 0.05 else "ok",
+                fan_pct=None if rng.random() < 0.5 else 30.0,
+                throttle=["hw_slowdown"] if rng.random() < 0.2 else [],
+                processes=[Process(pid=1), Process(pid=2)] if rng.random() < 0.3 else None)
+            for i in range(n_gpus)
+        ]
+        out.append((tel(host, seq, ts, gpus, boot=boot), arrival))
+    return out
+
+
+@pytest.mark.parametrize("batch", [1, 3, 8, 50])
+def test_ingest_many_matches_one_by_one(batch: int) -> None:
+    traffic = _traffic(seed=batch)
+    one = FleetState(history_s=30, capacity=4)
+    for msg, at in traffic:
+        one.ingest(msg, at)
+    many = FleetState(history_s=30, capacity=4)
+    for i in range(0, len(traffic), batch):
+        chunk = traffic[i : i + batch]
+        # The bus stamps a chunk with one arrival time; the same time is used one by one below.
+        at = chunk[-1][1]
+        many.ingest_many([m for m, _ in chunk], at)
+    again = FleetState(history_s=30, capacity=4)
+    for i in range(0, len(traffic), batch):
+        chunk = traffic[i : i + batch]
+        for msg, _ in chunk:
+            again.ingest(msg, chunk[-1][1])
+    now = traffic[-1][1]
+    assert _state_of(many, now) == _state_of(again, now)
+    assert one.samples_total == many.samples_total
+
+
+def test_ingest_many_same_host_twice_keeps_newest() -> None:
+    f = FleetState(history_s=60)
+    f.ingest_many([tel("a", 2, T0 + 2, [gpu(0, 52.0)]), tel("a", 1, T0 + 1, [gpu(0, 51.0)]),
+                   tel("b", 0, T0, [gpu(0, 60.0)])], T0 + 2.5)
+    np.testing.assert_allclose(f.latest("temp_c"), [52.0, 60.0])
+    np.testing.assert_allclose(f.matrix("temp_c", T0 + 2)[0, -3:], [np.nan, 51.0, 52.0])
+    info = f.host("a")
+    assert info is not None and info.last_seq == 2 and info.replayed == 1 and info.messages == 2
+    assert f.version == 1 and f.messages_total == 3 and f.samples_total == 3
+
+
+def test_ingest_many_empty_and_capacity_limit() -> None:
+    f = FleetState(history_s=8, capacity=2, max_gpus=3)
+    f.ingest_many([], T0)
+    assert f.version == 0 and f.n_slots == 0
+    msgs = [tel(f"h{k}", 0, T0, [gpu(0, float(k)), gpu(1, float(k))]) for k in range(3)]
+    f.ingest_many(msgs, T0)
+    f.ingest_many(msgs, T0 + 1)
+    assert f.n_slots == 3 and f.dropped_gpus == 6
+    np.testing.assert_allclose(f.latest("temp_c"), [0.0, 0.0, 1.0])
+    assert f.samples_total == 6
+
+
+def test_ingest_many_counts_processes_and_names_follow_newest() -> None:
+    f = FleetState()
+    f.ingest_many([tel("a", 0, T0, [gpu(0, processes=[Process(pid=1), Process(pid=2)], throttle=["sw_thermal"])])], T0)
+    assert f.latest("n_procs")[0] == 2.0 and f.throttle(0) == ("sw_thermal",)
+    f.ingest_many([tel("a", 1, T0 + 1, [gpu(0)])], T0 + 1)
+    assert np.isnan(f.latest("n_procs")[0]) and f.throttle(0) == ()
