@@ -238,7 +238,7 @@ def _wire_demo_menu(station: Station, window: Any) -> None:
         station.spawn(go(), "inject fault")
 
     def open_dialog() -> None:
-        hosts = sorted({k[0] for k in station.fleet.keys()})
+        hosts = sorted(h.host for h in station.fleet.hosts())
         sel = window.selected_keys
         host, gpu = (sel[0] if sel else (None, 0))
         dialog = FaultDialog(hosts, host, gpu, parent=window)
