@@ -71,7 +71,20 @@ class NotificationArea(QWidget):
         timer.timeout.connect(lambda: self._dismiss(toast))
         timer.start(self._timeout_ms)
         self.show()
+        self._place()
         return toast
+
+    def _place(self) -> None:
+        """Bottom-right corner of the parent, above its content, clear of the tabs and the menus."""
+        parent = self.parentWidget()
+        self.adjustSize()
+        if parent is None:
+            return
+        width = min(self.maximumWidth(), max(300, self.sizeHint().width()))
+        height = self.sizeHint().height()
+        margin = 16
+        self.setGeometry(parent.width() - width - margin, parent.height() - height - margin, width, height)
+        self.raise_()
 
     def _dismiss(self, toast: Toast) -> None:
         if toast in self._toasts:
@@ -81,3 +94,5 @@ class NotificationArea(QWidget):
             toast.deleteLater()
         if not self._toasts:
             self.hide()
+        else:
+            self._place()
