@@ -83,7 +83,8 @@ def run_gui(cfg: StationConfig) -> int:
     if problem:
         print(f"aether: {problem}", file=sys.stderr)
         return 2
-    app = QApplication.instance() or QApplication(sys.argv)
+    existing = QApplication.instance()
+    app = existing if isinstance(existing, QApplication) else QApplication(sys.argv)
     app.setApplicationName("Aether")
     app.setOrganizationName("Aether")
     # Qt must not stop the loop under our feet when a window closes: shutdown is ours (station.stop first).

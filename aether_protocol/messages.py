@@ -12,7 +12,7 @@ reason.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -172,39 +172,39 @@ class _Cmd(msgspec.Struct, frozen=True, omit_defaults=True, tag_field="op"):
     id: ShortStr
 
 
-class PingCmd(_Cmd, tag="ping"):
+class PingCmd(_Cmd, tag="ping", frozen=True, omit_defaults=True):
     pass
 
 
-class SleepCmd(_Cmd, tag="sleep"):
+class SleepCmd(_Cmd, tag="sleep", frozen=True, omit_defaults=True):
     gpus: list[Count] | None = None
 
 
-class WakeCmd(_Cmd, tag="wake"):
+class WakeCmd(_Cmd, tag="wake", frozen=True, omit_defaults=True):
     gpus: list[Count] | None = None
 
 
-class SetPowerLimitCmd(_Cmd, tag="set_power_limit"):
+class SetPowerLimitCmd(_Cmd, tag="set_power_limit", frozen=True, omit_defaults=True):
     watts: NonNeg
     gpus: list[Count] | None = None
 
 
-class RunJobCmd(_Cmd, tag="run_job"):
+class RunJobCmd(_Cmd, tag="run_job", frozen=True, omit_defaults=True):
     job: JobSpec
 
 
-class CancelJobCmd(_Cmd, tag="cancel_job"):
+class CancelJobCmd(_Cmd, tag="cancel_job", frozen=True, omit_defaults=True):
     job_id: ShortStr
 
 
-class JobLogCmd(_Cmd, tag="job_log"):
+class JobLogCmd(_Cmd, tag="job_log", frozen=True, omit_defaults=True):
     """Extension op: tail of a job's log file (agents that lack it answer ok:false)."""
 
     job_id: ShortStr
     max_bytes: Count = 8192
 
 
-class InjectFaultCmd(_Cmd, tag="inject_fault"):
+class InjectFaultCmd(_Cmd, tag="inject_fault", frozen=True, omit_defaults=True):
     """Extension op, simulated agents only: start a fault (see headless_agent.faults)."""
 
     spec: ShortStr
@@ -247,7 +247,7 @@ def encode(msg: msgspec.Struct) -> bytes:
     return _encoder.encode(msg)
 
 
-def _decode(dec: msgspec.json.Decoder, data: bytes | str) -> object:
+def _decode(dec: msgspec.json.Decoder[Any], data: bytes | str) -> Any:
     if len(data) > MAX_MESSAGE_BYTES:
         raise ProtocolError("oversize", f"{len(data)} bytes > {MAX_MESSAGE_BYTES}")
     try:
@@ -259,8 +259,8 @@ def _decode(dec: msgspec.json.Decoder, data: bytes | str) -> object:
         if "required field" in text:
             raise ProtocolError("missing_field", text) from None
         raise ProtocolError("invalid_value", text) from None
-    if msg.v != PROTOCOL_VERSION:  # type: ignore[attr-defined]
-        raise ProtocolError("unsupported_version", f"v={msg.v!r}")  # type: ignore[attr-defined]
+    if msg.v != PROTOCOL_VERSION:
+        raise ProtocolError("unsupported_version", f"v={msg.v!r}")
     return msg
 
 
@@ -291,7 +291,7 @@ def decode_command(data: bytes | str) -> Command:
             op = command_id_and_op(data)[1]
             raise ProtocolError("unknown_op", f"unknown op {op!r}") from None
         raise
-    return msg  # type: ignore[return-value]
+    return msg  # type: ignore[no-any-return]
 
 
 def command_id_and_op(data: bytes | str) -> tuple[str | None, object]:

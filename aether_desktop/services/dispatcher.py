@@ -8,7 +8,8 @@ releases it and another station's next try takes over. Every job change is also 
 conditional update (``only_from``), so even a brief overlap cannot dispatch a job twice.
 
 Every station can cancel jobs and read their logs (:meth:`Dispatcher.cancel`,
-:meth:`Dispatcher.job_log`); only the lock holder places them.
+:meth:`Dispatcher.job_log`); only the lock holder places them, and only the lock
+holder marks jobs ``lost`` when their host stops reporting (``host_online``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any, Protocol
 import psycopg
 
 from aether_desktop.services.bus import HostOffline
+from aether_desktop.services.job_placements import PlacementRows
 from aether_desktop.services.jobs import JobRecord, JobRepository
 from aether_desktop.services.jobtypes import Decision, GpuCandidate, JobRequest
 from aether_protocol import PROTOCOL_VERSION, CancelJobCmd, Command, JobLogCmd, JobSpec, Reply, RunJobCmd
@@ -44,6 +46,9 @@ class CommandSender(Protocol):
     responders, a timeout or no NATS connection."""
 
     async def request(self, host: str, cmd: Command, timeout: float = 5.0) -> Reply: ...
+
+
+FeatureRecorder = Callable[[JobRequest, Sequence[GpuCandidate], str, Sequence[int]], PlacementRows]
 
 
 class JobActionError(Exception):
@@ -130,6 +135,9 @@ class Dispatcher:
         clock: Callable[[], float] = time.time,
         on_role: Callable[[bool], None] | None = None,
         ready: Callable[[], bool] = lambda: True,
+        host_online: Callable[[str], bool] | None = None,
+        host_grace_s: float = 30.0,
+        placement_features: FeatureRecorder | None = None,
     ) -> None:
         """``candidates()`` returns the fleet's GPUs as they are now (called once per tick).
 
@@ -138,6 +146,13 @@ class Dispatcher:
         into the database, hence generous. ``on_role(active)`` is told when this station
         starts or stops dispatching. ``ready()`` false (e.g. the station itself is not
         connected to NATS) pauses placement: every run_job would fail and mark its job lost.
+
+        ``host_online(host)`` false for longer than ``host_grace_s`` marks that host's
+        dispatched and running jobs lost. The grace counts from the later of the job's
+        dispatch and the moment this station started dispatching while connected: a
+        station that just started (or took over) has heard from no host yet.
+        ``placement_features(job, candidates, host, gpus)`` gives the feature rows stored
+        with each placement, the training data for retraining the placement model.
         """
         self._repo = repo
         self._dsn = dsn
@@ -153,6 +168,11 @@ class Dispatcher:
         self._clock = clock
         self._on_role = on_role
         self._ready = ready
+        self._host_online = host_online
+        self._host_grace_s = host_grace_s
+        self._features = placement_features
+        self._watch_since: float | None = None  # since when this station dispatches while connected
+        self._offline_since: dict[str, float] = {}  # host -> first tick it was seen offline
         self._lock_conn: psycopg.AsyncConnection[Any] | None = None
         self._active = False
         self._wake = asyncio.Event()
@@ -245,6 +265,7 @@ class Dispatcher:
     def _set_active(self, active: bool) -> None:
         if active != self._active:
             self._active = active
+            self._watch_since = None
             if self._on_role is not None:
                 self._on_role(active)
 
@@ -254,14 +275,20 @@ class Dispatcher:
         """One dispatch pass (only while holding the lock): expire silent dispatches, then
         place pending jobs by priority and age. ``run_job`` requests go out concurrently."""
         if not self._active or not self._ready():
+            # Not hearing telemetry: host liveness must be re-learnt before anyone is declared dead.
+            self._watch_since = None
+            self._offline_since.clear()
             return
         now = self._clock()
+        if self._watch_since is None:
+            self._watch_since = now
         for job in await self._repo.overdue_dispatched(now - self._start_timeout_s):
             await self._repo.mark_lost(
                 job.id,
                 f"no job_started from {job.host} within {self._start_timeout_s:.0f} s of dispatch",
                 now,
             )
+        await self._expire_dead_hosts(now)
         pending = await self._repo.pending(now, self._batch)
         if not pending:
             return
@@ -271,9 +298,10 @@ class Dispatcher:
         for job in pending:
             if not self._active:
                 break
-            d = self._decide(job.request, cands, now)
+            d, seen = self._decide(job.request, cands, now)
             if d.action == "place":
-                if await self._repo.mark_dispatched(job.id, d, now):
+                feats = self._placement_rows(job.request, seen, d)
+                if await self._repo.mark_dispatched(job.id, d, now, features=feats):
                     cands = reserve(cands, [(d.host, d.gpus, job.request.mem_mib)])
                     sends.append(self._spawn(self._send_run(job.request, d)))
             elif d.action == "reject":
@@ -283,19 +311,62 @@ class Dispatcher:
         if sends:
             await asyncio.gather(*sends, return_exceptions=True)
 
-    def _decide(self, job: JobRequest, cands: Sequence[GpuCandidate], now: float) -> Decision:
+    async def _expire_dead_hosts(self, now: float) -> None:
+        """Mark jobs lost whose host has been offline for longer than the grace period."""
+        if self._host_online is None or self._watch_since is None:
+            return
+        active = await self._repo.list_jobs(states=("dispatched", "running"), limit=10_000)
+        online = {h: self._host_online(h) for h in {j.host for j in active if j.host is not None}}
+        for host in list(self._offline_since):
+            if online.get(host, True):
+                del self._offline_since[host]  # back, or no jobs there any more
+        for job in active:
+            if job.host is None or online[job.host]:
+                continue
+            since = self._offline_since.setdefault(job.host, now)
+            start = max(since, self._watch_since, job.dispatched_ts or 0.0)
+            if now - start > self._host_grace_s:
+                await self._repo.mark_lost(
+                    job.id,
+                    f"host {job.host} stopped reporting: no telemetry for over {self._host_grace_s:.0f} s "
+                    f"while the job was {job.state}",
+                    now,
+                    only_from=("dispatched", "running"),
+                )
+
+    def _decide(
+        self, job: JobRequest, cands: Sequence[GpuCandidate], now: float
+    ) -> tuple[Decision, list[GpuCandidate]]:
+        """The placer's checked decision and the candidates it was shown."""
         usable = pinned_candidates(job, cands)
         if job.host is not None and len(usable) < job.num_gpus:
             gpus = ",".join(map(str, job.gpus or ()))
-            return Decision("wait", f"pinned GPUs {job.host}:{gpus} are not all reported by the fleet")
+            return Decision("wait", f"pinned GPUs {job.host}:{gpus} are not all reported by the fleet"), usable
         try:
             d = self._placer.place(job, usable, now)
         except Exception as exc:
             # The placer is a model; a bug in it must leave the job waiting with the
             # error shown, not stop dispatching for every job.
             log.exception("scheduler failed on job %s", job.id)
-            return Decision("wait", f"scheduler error: {type(exc).__name__}: {exc}")
-        return check_decision(job, d)
+            return Decision("wait", f"scheduler error: {type(exc).__name__}: {exc}"), usable
+        return check_decision(job, d), usable
+
+    def _placement_rows(
+        self, job: JobRequest, seen: Sequence[GpuCandidate], d: Decision
+    ) -> PlacementRows | None:
+        """The chosen GPUs' feature rows, computed from what the placer saw on that host."""
+        if self._features is None or d.host is None:
+            return None
+        # A row's features depend only on its own host's GPUs (the host mean temperature),
+        # so the host's candidates alone give the same rows at a fraction of the cost.
+        on_host = [c for c in seen if c.host == d.host]
+        try:
+            rows = self._features(job, on_host, d.host, d.gpus)
+        except Exception:
+            # Training data are a by-product: a bug here must not stop the job being placed.
+            log.exception("placement features for job %s not recorded", job.id)
+            return None
+        return rows if len(rows.rows) == len(d.gpus) else None
 
     def _spawn(self, coro: Any) -> asyncio.Task[None]:
         task: asyncio.Task[None] = asyncio.create_task(coro)

@@ -8,14 +8,13 @@ forward (pending < dispatched < running < terminal) and a terminal state is neve
 left, so ``job_finished`` arriving before ``job_started`` still ends ``finished``.
 
 Each applied change also sends ``NOTIFY aether_jobs`` (delivered at commit, so never
-for a rolled-back change); :class:`JobWatcher` listens for it so every station, not
-just the dispatching one, sees changes without polling.
+for a rolled-back change); :class:`JobWatcher` (services/job_watcher.py, re-exported
+here) listens for it so every station, not just the dispatching one, sees changes
+without polling.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import time
 import uuid
@@ -30,14 +29,19 @@ from psycopg import AsyncConnection, sql
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
+from aether_desktop.services.job_placements import PlacementRows, record_placement
+from aether_desktop.services.job_watcher import NOTIFY_CHANNEL
+from aether_desktop.services.job_watcher import JobWatcher as JobWatcher  # re-exported: its old home
 from aether_desktop.services.jobspec import new_job_id
 from aether_desktop.services.jobtypes import TERMINAL_STATES, Decision, JobRequest, JobState
 from aether_protocol import Event
 
 log = logging.getLogger(__name__)
 
-MIGRATION = Path(__file__).with_name("migrations") / "020_jobs.sql"
-NOTIFY_CHANNEL = "aether_jobs"
+_MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+MIGRATION = _MIGRATIONS_DIR / "020_jobs.sql"
+# The jobs tables, in order: 021 adds the placement feature rows used for retraining.
+MIGRATIONS = (MIGRATION, _MIGRATIONS_DIR / "021_job_placements.sql")
 # Candidates beyond this many are summarised by a count: a placement over 1,000 GPUs
 # must not write a megabyte of scores into every job row.
 MAX_RECORDED_CANDIDATES = 50
@@ -223,9 +227,10 @@ class JobRepository:
         self._clock = clock
 
     async def ensure_schema(self) -> None:
-        """Apply 020_jobs.sql (idempotent) where the station's migration runner has not."""
+        """Apply the jobs migrations (idempotent) where the station's migration runner has not."""
         async with self._pool.connection() as conn:
-            await conn.execute(MIGRATION.read_text())  # a trusted file from the package
+            for path in MIGRATIONS:
+                await conn.execute(path.read_text())  # trusted files from the package
 
     # ----------------------------------------------------------------- queries
 
@@ -321,14 +326,24 @@ class JobRepository:
         )  # fmt: skip
         return await self.apply_station(ch) is not None
 
-    async def mark_dispatched(self, job_id: str, decision: Decision, now: float) -> bool:
-        """pending -> dispatched on the decision's host/GPUs; False if the job left pending meanwhile."""
+    async def mark_dispatched(
+        self, job_id: str, decision: Decision, now: float, *, features: PlacementRows | None = None
+    ) -> bool:
+        """pending -> dispatched on the decision's host/GPUs; False if the job left pending meanwhile.
+
+        ``features`` (one scheduler feature row per chosen GPU) are stored with the
+        dispatch, in its transaction, so every placed job can later become training data.
+        """
         ch = Change(
             _station_id(), job_id, "dispatched", "station", now, to_state="dispatched",
             only_from=frozenset({"pending"}), host=decision.host, gpus=decision.gpus,
             reason=decision.reason, decision=decision_record(decision, now),
         )  # fmt: skip
-        return await self.apply_station(ch) == "dispatched"
+        async with self._pool.connection() as conn, conn.transaction():
+            done = await self._apply(conn, ch) == "dispatched"
+            if done and features is not None:
+                await record_placement(conn, job_id, decision, features, now)
+        return done
 
     async def mark_rejected(
         self, job_id: str, reason: str, now: float, *, decision: Decision | None = None,
@@ -341,11 +356,14 @@ class JobRepository:
         )  # fmt: skip
         return await self.apply_station(ch) == "rejected"
 
-    async def mark_lost(self, job_id: str, reason: str, now: float) -> bool:
-        """dispatched -> lost; a job the agent already reported running is left alone."""
+    async def mark_lost(
+        self, job_id: str, reason: str, now: float, *, only_from: Iterable[str] = ("dispatched",)
+    ) -> bool:
+        """dispatched -> lost by default: a job the agent already reported running is left
+        alone, unless the caller knows its host is gone (``only_from`` with "running")."""
         ch = Change(
             _station_id(), job_id, "lost", "station", now, to_state="lost",
-            only_from=frozenset({"dispatched"}), reason=reason,
+            only_from=frozenset(only_from), reason=reason,
         )  # fmt: skip
         return await self.apply_station(ch) == "lost"
 
@@ -457,47 +475,3 @@ class JobRepository:
             await conn.execute(q, params)
         await conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, ch.job_id))
         return new or current
-
-
-# --------------------------------------------------------------------------- watcher
-
-
-class JobWatcher:
-    """Calls ``on_change(job_ids)`` when jobs change on any station (PostgreSQL LISTEN).
-
-    After (re)connecting it calls ``on_change(frozenset())``, meaning "reload everything":
-    notifications sent while it was disconnected are gone.
-    """
-
-    def __init__(
-        self, dsn: str, on_change: Callable[[frozenset[str]], None], *, retry_s: float = 2.0
-    ) -> None:
-        self._dsn = dsn
-        self._on_change = on_change
-        self._retry_s = retry_s
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="job-watcher")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):  # the cancellation we asked for
-                await self._task
-            self._task = None
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                async with await psycopg.AsyncConnection.connect(self._dsn, autocommit=True) as conn:
-                    await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(NOTIFY_CHANNEL)))
-                    self._on_change(frozenset())
-                    async for note in conn.notifies():
-                        self._on_change(frozenset({note.payload}))
-            except psycopg.OperationalError as exc:
-                log.warning(
-                    "job watcher lost its database connection (%s); retrying in %.0fs", exc, self._retry_s
-                )
-            await asyncio.sleep(self._retry_s)

@@ -18,6 +18,7 @@ ever unpickled.
 
 from __future__ import annotations
 
+import calendar
 import json
 import logging
 import re
@@ -310,6 +311,7 @@ def train(data: TrainingData, seed: int = 0, rounds: int = 80, note: str = "simu
     model.meta = {
         "version": None,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "created_ts": time.time(),
         "source": note,
         "training_rows": int(tr.sum()),
         "validation_rows": int(val.sum()),
@@ -401,6 +403,7 @@ def retrain(
     seed: int = 0,
     sim_jobs: int = 3000,
     fleet_weight: float = 3.0,
+    fleet_jobs: int | None = None,
 ) -> SchedulerModel:
     """Retrain from the fleet's own finished jobs, anchored by fresh simulated data, and save a new version.
 
@@ -413,6 +416,15 @@ def retrain(
     own = TrainingData(fleet.x, fleet.success, fleet.slowdown, np.full(len(fleet), fleet_weight))
     model = train(TrainingData.concat([sim, own]), seed=seed, note=f"simulation + {len(fleet)} fleet rows")
     model.meta["fleet_rows"] = len(fleet)
+    if fleet_jobs is not None:
+        model.meta["fleet_jobs"] = fleet_jobs
+    if len(fleet):
+        # In-sample, so only a sanity check: how well the new model explains the fleet's own outcomes.
+        p, _ = model.predict(fleet.x)
+        model.meta["fleet_fit"] = {
+            "accuracy": float(((p >= 0.5) == (fleet.success == 1)).mean()),
+            "failure_rate": float(1.0 - fleet.success.mean()),
+        }
     return store.save(model)
 
 
@@ -424,3 +436,38 @@ def placement_features(
     pick = {(host, g) for g in gpus}
     rows = [i for i, c in enumerate(candidates) if (c.host, c.index) in pick]
     return x[rows]
+
+
+def model_created_ts(meta: dict[str, Any]) -> float | None:
+    """When a model was trained (epoch seconds); older sidecars only have the ISO date."""
+    ts = meta.get("created_ts")
+    if isinstance(ts, int | float):
+        return float(ts)
+    created = meta.get("created")
+    if isinstance(created, str):
+        try:
+            return calendar.timegm(time.strptime(created, "%Y-%m-%dT%H:%M:%SZ"))
+        except ValueError:
+            return None
+    return None
+
+
+def model_summary(meta: dict[str, Any]) -> str:
+    """The model's version and validation figures in one line, for the Jobs tab and the log."""
+    val = meta.get("validation") or {}
+    version = f"v{meta['version']}" if meta.get("version") else "unsaved"
+
+    def fig(key: str, fmt: str, scale: float = 1.0) -> str:
+        v = val.get(key)
+        return format(v * scale, fmt) if isinstance(v, int | float) else "n/a"
+
+    fleet = int(meta.get("fleet_rows") or 0)
+    jobs = meta.get("fleet_jobs")
+    from_fleet = f"{fleet:,} from the fleet" + (f" ({jobs:,} jobs)" if isinstance(jobs, int) else "")
+    rows = int(meta.get("training_rows") or 0) + int(meta.get("validation_rows") or 0)
+    return (
+        f"Placement model {version}, trained {str(meta.get('created', '?')).replace('T', ' ')}: "
+        f"AUC {fig('auc', '.3f')}, accuracy {fig('accuracy', '.1f', 100.0)} %, "
+        f"slowdown MAE {fig('slowdown_mae', '.3f')}; {rows:,} rows ({from_fleet}), "
+        f"validated on {int(meta.get('validation_rows') or 0):,}"
+    )
