@@ -54,15 +54,29 @@ def _num_reader(values: dict[str, float | None]) -> Callable[..., float]:
 
 
 class JobsRuntime:
-    """Holds the jobs services once the database is open; the UI calls through it."""
+    """Holds the jobs services once the database is open; the UI calls through it.
 
-    def __init__(self, station: Station) -> None:
+    Built here: the jobs store, the scheduler with its placement model, the dispatcher
+    (told which hosts are alive by the live fleet, and recording each placement's
+    feature rows), the job watcher, and the placement model's retrainer (automatic
+    while this station dispatches; on request from the Jobs tab).
+    """
+
+    def __init__(self, station: Station, *, host_grace_s: float = 30.0) -> None:
         self.station = station
+        self.host_grace_s = host_grace_s
         self.repo: Any = None
         self.dispatcher: Any = None
         self.watcher: Any = None
+        self.scheduler: Any = None
+        self.retrainer: Any = None
+        self.model_meta: dict[str, Any] | None = None
         self.listeners: list[Callable[[frozenset[str]], None]] = []
         self.role_listeners: list[Callable[[bool], None]] = []
+        # The placement model: its sidecar (version, validation figures) when it changes,
+        # and the retrainer's progress as (level, text).
+        self.model_listeners: list[Callable[[dict[str, Any]], None]] = []
+        self.progress_listeners: list[Callable[[str, str], None]] = []
 
     def _need(self, what: T | None) -> T:
         if what is None:
@@ -73,9 +87,11 @@ class JobsRuntime:
 
     async def open(self, store: Any) -> None:
         from aether_desktop.services.dispatcher import Dispatcher
+        from aether_desktop.services.job_placements import PlacementStore
         from aether_desktop.services.jobs import JobRepository, JobWatcher
+        from aether_desktop.services.placement_retrain import PlacementRetrainer, placement_rows
         from aether_desktop.services.scheduler import Scheduler
-        from aether_desktop.services.scheduler_model import load_or_bootstrap
+        from aether_desktop.services.scheduler_model import ModelStore, load_or_bootstrap
 
         station = self.station
         repo = JobRepository(store.pool)
@@ -87,16 +103,27 @@ class JobsRuntime:
         bus = station.bus
         assert bus is not None and station.dsn is not None
         self.repo = repo
+        self.scheduler = Scheduler(model)
+        fleet = station.fleet
         self.dispatcher = Dispatcher(
-            repo, station.dsn, Scheduler(model), bus, fleet_candidates(station.fleet),
+            repo, station.dsn, self.scheduler, bus, fleet_candidates(fleet),
             prefix=station.cfg.subject_prefix, operator=f"{getpass.getuser()}@{os.uname().nodename}",
             on_role=self._on_role, ready=lambda: bus.state == ConnState.CONNECTED,
-        )
+            host_online=lambda host: fleet.host_online(host, time.time()), host_grace_s=self.host_grace_s,
+            placement_features=placement_rows,
+        )  # fmt: skip
         self.dispatcher.start()
+        dispatcher = self.dispatcher
+        self.retrainer = PlacementRetrainer(
+            PlacementStore(store.pool), ModelStore(model_dir), model, on_model=self._on_model,
+            on_progress=self._on_progress, enabled=lambda: dispatcher.active,
+        )  # fmt: skip
+        self.retrainer.start()
         self.watcher = JobWatcher(station.dsn, self._on_change)
         self.watcher.start()
         station.add_stopper(self.stop)
         log.info("jobs: scheduler model %s, dispatcher started", getattr(model, "version", "?"))
+        self._on_model(model)
         self._on_change(frozenset())
 
     def _on_change(self, ids: frozenset[str]) -> None:
@@ -111,7 +138,25 @@ class JobsRuntime:
         for fn in self.role_listeners:
             fn(active)
 
+    def _on_model(self, model: Any) -> None:
+        """A new placement model (first load or retrained): the live scheduler uses it from now on."""
+        if self.scheduler is not None:
+            self.scheduler.model = model
+        self.model_meta = dict(model.meta)
+        for fn in self.model_listeners:
+            fn(self.model_meta)
+
+    def _on_progress(self, level: str, text: str) -> None:
+        # Headless, an automatic retrain's outcome goes to the log as a notice; with a
+        # window the Jobs tab's bridge shows the progress and posts the notice itself.
+        if not self.progress_listeners and level != "info":
+            self.station.sink.post_notice("error" if level == "error" else "info", text)
+        for fn in self.progress_listeners:
+            fn(level, text)
+
     async def stop(self) -> None:
+        if self.retrainer is not None:
+            await self.retrainer.stop()
         if self.watcher is not None:
             await self.watcher.stop()
         if self.dispatcher is not None:
@@ -137,6 +182,13 @@ class JobsRuntime:
 
     async def fetch_log(self, job_id: str) -> str:
         return await self._need(self.dispatcher).job_log(job_id)  # type: ignore[no-any-return]
+
+    async def retrain_model(self) -> str:
+        """The Jobs tab's "Retrain placement model" button; returns the new model's summary."""
+        from aether_desktop.services.scheduler_model import model_summary
+
+        model = await self._need(self.retrainer).retrain()
+        return model_summary(model.meta)
 
 
 def wire_services(station: Station) -> dict[str, Any]:
@@ -170,11 +222,16 @@ def wire_gui(station: Station, state: Any, window: Any, app: Any, closing: async
     _wire_alerts_gui(station, state, window, closing, services["alerts"])
     jobs: JobsRuntime = services["jobs"]
     bridge = JobsBridge(list_jobs=jobs.list_jobs, submit=jobs.submit, cancel=jobs.cancel,
-                        resubmit=jobs.resubmit, fetch_log=jobs.fetch_log, parent=window)
+                        resubmit=jobs.resubmit, fetch_log=jobs.fetch_log, retrain_model=jobs.retrain_model,
+                        parent=window)
     jobs.listeners.append(bridge.notify_changed)
     jobs.role_listeners.append(bridge.set_dispatcher_active)
+    jobs.model_listeners.append(bridge.set_model_info)
+    jobs.progress_listeners.append(bridge.set_retrain_progress)
+    if jobs.model_meta is not None:  # the database (and the model) may already be open
+        bridge.set_model_info(jobs.model_meta)
     bridge.notice.connect(state.post_notice)
-    view = JobsView(bridge)
+    view = JobsView(bridge, model=bridge)
     window.add_tab(view, "Jobs")
     window.jobs_view = view
 

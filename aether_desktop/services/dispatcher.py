@@ -341,7 +341,9 @@ class Dispatcher:
         usable = pinned_candidates(job, cands)
         if job.host is not None and len(usable) < job.num_gpus:
             gpus = ",".join(map(str, job.gpus or ()))
-            return Decision("wait", f"pinned GPUs {job.host}:{gpus} are not all reported by the fleet"), usable
+            return Decision(
+                "wait", f"pinned GPUs {job.host}:{gpus} are not all reported by the fleet"
+            ), usable
         try:
             d = self._placer.place(job, usable, now)
         except Exception as exc:

@@ -178,10 +178,10 @@ def export_sql(all_gpus: bool) -> str:
 
 
 # (table, time column, which cutoff): raw samples go after raw_days, the
-# rollups and the event log after rollup_days.
+# rollups and the event log after rollup_days. (Processes are columns of
+# telemetry since migration 006; gpu_processes is a view.)
 RETENTION_TABLES = (
     ("telemetry", "ts", "raw"),
-    ("gpu_processes", "ts", "raw"),
     ("rollup_dirty", "bucket", "raw"),
     ("telemetry_1m", "bucket", "rollup"),
     ("events", "ts", "rollup"),

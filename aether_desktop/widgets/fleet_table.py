@@ -135,19 +135,21 @@ class FleetTableModel(QAbstractTableModel):
         elif n and not self._names[-1]:
             self._names = f.names()
         self._snap_now = now
+        # numpy copies only: converting every column to lists each frame cost ~30 ms at 100,000 GPUs,
+        # while data() only ever reads the few visible rows.
         self._states_arr = f.display_states(now)
-        self._states = self._states_arr.tolist()
+        self._states = self._states_arr
         self._temp_arr = f.latest("temp_c").copy()
-        self._temp = self._temp_arr.tolist()
-        self._slow = f.latest("slowdown_temp_c").tolist()
+        self._temp = self._temp_arr
+        self._slow = f.latest("slowdown_temp_c").copy()
         self._mem_arr = f.latest("mem_used_mib").copy()
-        self._mem = self._mem_arr.tolist()
-        self._mem_total = f.latest("mem_total_mib").tolist()
+        self._mem = self._mem_arr
+        self._mem_total = f.latest("mem_total_mib").copy()
         self._util_arr = f.latest("util_pct").copy()
-        self._util = self._util_arr.tolist()
+        self._util = self._util_arr
         self._power_arr = f.latest("power_w").copy()
-        self._power = self._power_arr.tolist()
-        self._limit = f.latest("power_limit_w").tolist()
+        self._power = self._power_arr
+        self._limit = f.latest("power_limit_w").copy()
 
     def _sort_key(self, col: int) -> np.ndarray:
         if col == COL_GPU:
@@ -218,7 +220,7 @@ class FleetTableModel(QAbstractTableModel):
         if c == COL_MODEL:
             return self._names[r].removeprefix("NVIDIA ")
         if c == COL_STATE:
-            return "● " + STATE_NAMES[self._states[r]]
+            return "● " + STATE_NAMES[int(self._states[r])]
         if c == COL_TEMP:
             return _fmt(self._temp[r], "{:.0f}")
         if c == COL_MEM:
@@ -234,7 +236,7 @@ class FleetTableModel(QAbstractTableModel):
         return f"{p:.0f} / {lim:.0f}" if lim == lim else f"{p:.0f}"
 
     def _foreground(self, r: int, c: int) -> QColor | None:
-        s = self._states[r]
+        s = int(self._states[r])
         if s in (STATE_OFFLINE, STATE_LOST):
             return QColor(theme.CRIT)
         if s == STATE_SLEEPING:
@@ -256,7 +258,7 @@ class FleetTableModel(QAbstractTableModel):
         lines = [
             f"{host} / GPU {idx}: {self._names[r]}",
             f"UUID {self._fleet.uuid(r)}",
-            f"state {STATE_NAMES[self._states[r]]}",
+            f"state {STATE_NAMES[int(self._states[r])]}",
             f"slowdown {_fmt(slow, '{:.0f} °C')}",
         ]
         thr = self._fleet.throttle(r)

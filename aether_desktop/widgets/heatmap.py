@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 
 import numpy as np
 import pyqtgraph as pg
@@ -26,6 +27,8 @@ HEATMAP_METRICS: tuple[tuple[str, str, str, tuple[float, float] | None], ...] = 
     ("Utilisation", "util_pct", "%", (0.0, 100.0)),
     ("Power", "power_w", "W", None),
 )
+MAX_IMAGE_ROWS = 2048  # more GPUs than this are drawn as groups (max of each group): more rows than pixels
+MIN_REFRESH_S = 0.5  # the ring has 1-second bins: redrawing faster only costs CPU
 MAX_ROW_LABELS = 40  # beyond this, labels only at host boundaries, thinned
 
 
@@ -44,6 +47,7 @@ class FleetHeatmap(QWidget):
         self._image = np.zeros((0, self.window_s), dtype=np.float32)
         self._t_end = 0.0
         self._dirty = True
+        self._last_refresh = 0.0
 
         self.metric_combo = QComboBox()
         for label, _metric, unit, _levels in HEATMAP_METRICS:
@@ -107,16 +111,18 @@ class FleetHeatmap(QWidget):
     def refresh(self) -> None:
         """Redraw now (the fleet tick does this while visible)."""
         self._dirty = False
+        self._last_refresh = time.monotonic()
         now = self._state.now()
         self._t_end = math.floor(now)
         n = self._fleet.n_slots
         if n != len(self._order):
             self._reorder()
-        full = self._fleet.matrix(self.metric, now)
-        self._image = full[self._order, -self.window_s :] if n else np.zeros((0, self.window_s), np.float32)
+        self._image = (self._fleet.matrix(self.metric, now, rows=self._order)[:, -self.window_s :] if n
+                       else np.zeros((0, self.window_s), np.float32))
         w = self.window_s
         if n:
-            self.image_item.setImage(self._image, autoLevels=False, levels=self._levels())
+            self.image_item.setImage(_group_rows(self._image, MAX_IMAGE_ROWS), autoLevels=False,
+                                     levels=self._levels())
             self.image_item.setRect(QRectF(-w, 0, w, n))
         else:
             self.image_item.clear()
@@ -186,7 +192,7 @@ class FleetHeatmap(QWidget):
 
     def _on_fleet_tick(self) -> None:
         # Hidden (another tab in front): skip the texture upload, draw on show.
-        if self.isVisible():
+        if self.isVisible() and time.monotonic() - self._last_refresh >= MIN_REFRESH_S:
             self.refresh()
         else:
             self._dirty = True
@@ -195,3 +201,17 @@ class FleetHeatmap(QWidget):
         super().showEvent(event)
         if self._dirty:
             self.refresh()
+
+
+def _group_rows(image: np.ndarray, max_rows: int) -> np.ndarray:
+    """At most ``max_rows`` rows: each shows the maximum of consecutive GPUs (a hot GPU stays visible)."""
+    n, w = image.shape
+    if n <= max_rows:
+        return image
+    g = math.ceil(n / max_rows)
+    pad = (-n) % g
+    if pad:
+        image = np.vstack([image, np.full((pad, w), np.nan, dtype=image.dtype)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN groups (offline hosts) stay NaN
+        return np.nanmax(image.reshape(-1, g, w), axis=1)

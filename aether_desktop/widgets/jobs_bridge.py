@@ -4,6 +4,9 @@ Services call :meth:`notify_changed` (JobWatcher's ``on_change``) and
 :meth:`set_dispatcher_active` (Dispatcher's ``on_role``); the bridge reloads the job
 list on the qasync loop, coalescing bursts into one query, and tells its listeners.
 Widget actions become tasks whose outcome comes back through ``done(ok, text)``.
+It is also the Jobs tab's placement-model source: the runtime calls
+:meth:`set_model_info` and :meth:`set_retrain_progress`; the view's "Retrain
+placement model" button calls :meth:`retrain_model`.
 It may be folded into QtState later; it holds no Qt widgets.
 """
 
@@ -18,6 +21,7 @@ from PySide6.QtCore import QObject, Signal
 
 from aether_desktop.services.jobs import JobRecord
 from aether_desktop.services.jobtypes import JobRequest
+from aether_desktop.services.scheduler_model import model_summary
 from aether_desktop.widgets.state import TaskSet
 
 log = logging.getLogger(__name__)
@@ -30,6 +34,7 @@ class JobsBridge(QObject):
     # level ("info" | "ok" | "warning" | "error"), text: same shape as QtState.notice.
     notice = Signal(str, str)
     dispatcher_role_changed = Signal(bool)
+    model_changed = Signal()
 
     def __init__(
         self,
@@ -39,18 +44,25 @@ class JobsBridge(QObject):
         cancel: Callable[[str], Awaitable[str]],
         resubmit: Callable[[str], Awaitable[Any]],
         fetch_log: Callable[[str], Awaitable[str]],
+        retrain_model: Callable[[], Awaitable[str]] | None = None,
         clock: Callable[[], float] = time.time,
         parent: QObject | None = None,
     ) -> None:
         """Pass the services' bound methods: ``repo.list_jobs``, ``repo.submit``,
-        ``dispatcher.cancel``, ``repo.resubmit``, ``dispatcher.job_log``."""
+        ``dispatcher.cancel``, ``repo.resubmit``, ``dispatcher.job_log``, and the
+        runtime's ``retrain_model`` (returns the new model's summary)."""
         super().__init__(parent)
         self._list = list_jobs
         self._submit = submit
         self._cancel = cancel
         self._resubmit = resubmit
         self._fetch_log = fetch_log
+        self._retrain = retrain_model
         self._clock = clock
+        self._model_meta: dict[str, Any] | None = None
+        self._model_status = ""
+        self._retraining = False
+        self._model_listeners: list[Callable[[], None]] = []
         self._jobs: list[JobRecord] = []
         self._listeners: list[Callable[[], None]] = []
         self._tasks = TaskSet()
@@ -58,6 +70,7 @@ class JobsBridge(QObject):
         self._dirty = False
         self._dispatching = False
         self.jobs_changed.connect(self._on_jobs_changed)
+        self.model_changed.connect(self._on_model_changed)
 
     # ------------------------------------------------------------------ service side
 
@@ -80,6 +93,19 @@ class JobsBridge(QObject):
     @property
     def dispatching(self) -> bool:
         return self._dispatching
+
+    def set_model_info(self, meta: dict[str, Any]) -> None:
+        """The placement model now in use (its sidecar: version, validation figures)."""
+        self._model_meta = dict(meta)
+        self.model_changed.emit()
+
+    def set_retrain_progress(self, level: str, text: str) -> None:
+        """A retrain step ("info"), its result ("ok") or failure ("error"), automatic or not."""
+        self._model_status = text if level != "ok" else ""
+        self._retraining = level == "info"
+        if level != "info":
+            self.notice.emit(level, text)
+        self.model_changed.emit()
 
     async def reload(self) -> bool:
         """Load the job list now; False (and a notice) if the services could not answer."""
@@ -135,6 +161,55 @@ class JobsBridge(QObject):
     def fetch_log(self, job_id: str, done: Done) -> None:
         self._run(self._fetch_log(job_id), lambda text: text or "(the log is empty)", done, notify=False)
 
+    # ------------------------------------------------------------------ PlacementModelSource (widgets)
+
+    def model_info(self) -> dict[str, Any] | None:
+        return self._model_meta
+
+    def model_summary(self) -> str | None:
+        """Version and validation figures in one line; None until the model is loaded."""
+        return None if self._model_meta is None else model_summary(self._model_meta)
+
+    def model_status(self) -> str:
+        """The retrain in progress or the last failure, in words; empty when idle and fine."""
+        return self._model_status
+
+    def retraining(self) -> bool:
+        return self._retraining
+
+    def can_retrain(self) -> bool:
+        return self._retrain is not None
+
+    def add_model_listener(self, fn: Callable[[], None]) -> None:
+        self._model_listeners.append(fn)
+
+    def remove_model_listener(self, fn: Callable[[], None]) -> None:
+        if fn in self._model_listeners:
+            self._model_listeners.remove(fn)
+
+    def retrain_model(self, done: Done) -> None:
+        """Retrain now; progress arrives through set_retrain_progress, the result through ``done``."""
+        if self._retrain is None:
+            done(False, "retraining is not available here")
+            return
+        if self._retraining:
+            done(False, "the placement model is already being retrained")
+            return
+        self._retraining = True
+        self.model_changed.emit()
+
+        def finished(ok: bool, text: str) -> None:
+            # Progress callbacks normally clear this; a failure before the first one must too.
+            self._retraining = False
+            if not ok:
+                self._model_status = f"retrain failed: {text}"
+                self.notice.emit("error", self._model_status)
+            self.model_changed.emit()
+            done(ok, text)
+
+        # The runtime's progress listener already posts the result as a notice.
+        self._run(self._retrain(), str, finished, notify=False)
+
     # ------------------------------------------------------------------ internals
 
     def _run(
@@ -162,4 +237,8 @@ class JobsBridge(QObject):
 
     def _on_jobs_changed(self) -> None:
         for fn in list(self._listeners):
+            fn()
+
+    def _on_model_changed(self) -> None:
+        for fn in list(self._model_listeners):
             fn()

@@ -3,6 +3,8 @@
 It reads snapshots from a plain-Python :class:`JobsModelSource` given in ``__init__``
 and asks it to act (cancel, resubmit, fetch a log); every action answers through a
 ``done(ok, text)`` callback, so nothing here waits on the network or the database.
+An optional :class:`PlacementModelSource` adds the placement model's line (version and
+validation figures) and its "Retrain placement model" button.
 """
 
 from __future__ import annotations
@@ -44,6 +46,18 @@ class JobsModelSource(Protocol):
     def cancel(self, job_id: str, done: Done) -> None: ...
     def resubmit(self, job_id: str, done: Done) -> None: ...
     def fetch_log(self, job_id: str, done: Done) -> None: ...
+
+
+class PlacementModelSource(Protocol):
+    """The placement model's state and its retrain action (JobsBridge, or a fake in tests)."""
+
+    def model_summary(self) -> str | None: ...
+    def model_status(self) -> str: ...
+    def retraining(self) -> bool: ...
+    def can_retrain(self) -> bool: ...
+    def add_model_listener(self, fn: Callable[[], None]) -> None: ...
+    def remove_model_listener(self, fn: Callable[[], None]) -> None: ...
+    def retrain_model(self, done: Done) -> None: ...
 
 
 STATE_COLORS: dict[str, str] = {
@@ -92,9 +106,16 @@ def _num(v: Any, fmt: str) -> str:
 
 
 class JobsView(QWidget):
-    def __init__(self, source: JobsModelSource, parent: QWidget | None = None) -> None:
+    def __init__(
+        self,
+        source: JobsModelSource,
+        parent: QWidget | None = None,
+        *,
+        model: PlacementModelSource | None = None,
+    ) -> None:
         super().__init__(parent)
         self._source = source
+        self._model = model
         self._jobs: list[JobRecord] = []
 
         self.cancel_button = QPushButton("Cancel job")
@@ -106,6 +127,18 @@ class JobsView(QWidget):
         for b in (self.cancel_button, self.resubmit_button, self.log_button):
             bar.addWidget(b)
         bar.addWidget(self.message, 1)
+
+        self.model_label = QLabel("Placement model: loading…")
+        self.model_label.setWordWrap(True)
+        self.model_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.retrain_button = QPushButton("Retrain placement model")
+        self.retrain_button.setToolTip(
+            "Train a new version from the fleet's finished jobs plus simulated data; "
+            "it also retrains by itself after enough jobs have ended"
+        )
+        model_bar = QHBoxLayout()
+        model_bar.addWidget(self.model_label, 1)
+        model_bar.addWidget(self.retrain_button)
 
         self.table = QTableWidget(0, len(COLUMNS))
         self.table.setHorizontalHeaderLabels(list(COLUMNS))
@@ -142,6 +175,7 @@ class JobsView(QWidget):
         split.setStretchFactor(1, 2)
         layout = QVBoxLayout(self)
         layout.addLayout(bar)
+        layout.addLayout(model_bar)
         layout.addWidget(split, 1)
 
         # Durations of running jobs tick once a second without reloading the list.
@@ -158,7 +192,17 @@ class JobsView(QWidget):
         remove = source.remove_listener
         refresh = self.refresh
         self.destroyed.connect(lambda *_: remove(refresh))
+        self.retrain_button.clicked.connect(self._on_retrain)
+        if model is not None:
+            model.add_model_listener(self.refresh_model)
+            remove_model = model.remove_model_listener
+            refresh_model = self.refresh_model
+            self.destroyed.connect(lambda *_: remove_model(refresh_model))
+        else:
+            self.model_label.hide()
+            self.retrain_button.hide()
         self.refresh()
+        self.refresh_model()
 
     # ------------------------------------------------------------------ read side
 
@@ -204,6 +248,20 @@ class JobsView(QWidget):
             self._clock_timer.start()
         elif not running:
             self._clock_timer.stop()
+
+    def refresh_model(self) -> None:
+        """The placement model's line: version and validation figures, or the retrain in progress."""
+        m = self._model
+        if m is None:
+            return
+        summary = m.model_summary()
+        busy = m.retraining()
+        parts = [_html(summary or "Placement model: not loaded yet (waiting for the database)")]
+        if status := m.model_status():
+            parts.append(f"<i>{_html(status)}</i>" if busy else _html(status))
+        self.model_label.setText("<br>".join(parts))
+        self.retrain_button.setEnabled(m.can_retrain() and summary is not None and not busy)
+        self.retrain_button.setText("Retraining…" if busy else "Retrain placement model")
 
     @staticmethod
     def _row(job: JobRecord, now: float) -> list[str]:
@@ -277,6 +335,16 @@ class JobsView(QWidget):
         for r, job in enumerate(self._jobs):
             if job.state == "running" and (item := self.table.item(r, _DURATION_COL)) is not None:
                 item.setText(fmt_duration(job.duration_s(now)))
+
+    def _on_retrain(self) -> None:
+        if self._model is not None:
+            self._say(True, "retraining the placement model…")
+            self._model.retrain_model(self._on_retrained)
+            self.refresh_model()
+
+    def _on_retrained(self, ok: bool, text: str) -> None:
+        self._say(ok, text if ok else f"retrain failed: {text}")
+        self.refresh_model()
 
     def _on_cancel(self) -> None:
         job = self.selected_job()

@@ -1,0 +1,345 @@
+"""Pure parts of the store: column layouts, SQL text, and row building for binary COPY.
+
+No I/O here; everything is unit-tested without a database. :mod:`store` runs it.
+
+Telemetry rows are COPYed straight into ``telemetry`` in the table's own
+types. Values psycopg's C dumpers handle fast (text, ints, floats) go as
+Python objects; the rest (timestamps, arrays) are pre-encoded here into
+PostgreSQL's binary wire format, once per message or once per distinct value
+in a batch, and passed through by :class:`Encoded` dumpers.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import msgspec
+
+from aether_protocol.messages import Event, Process, Telemetry
+
+
+@dataclass(frozen=True)
+class Column:
+    """A COPYed column: its binary type and the expression that loads it from staging."""
+
+    name: str
+    stage_type: str
+    load: str | None = None  # SQL expression over the staging row; default: the column itself
+
+    @property
+    def expr(self) -> str:
+        return self.load or self.name
+
+
+# Metrics stored as float4; energy_j is float8 (a large cumulative counter).
+REAL_METRICS = (
+    "temp_c",
+    "mem_used_mib",
+    "mem_total_mib",
+    "util_pct",
+    "mem_util_pct",
+    "power_w",
+    "power_limit_w",
+    "sm_clock_mhz",
+    "mem_clock_mhz",
+    "fan_pct",
+)
+
+# Table order of telemetry (001 + 006); rows are built in this order.
+TELEMETRY_COLUMNS: tuple[Column, ...] = (
+    Column("host", "text"),
+    Column("gpu_index", "int4"),
+    Column("gpu_uuid", "text"),
+    Column("ts", "timestamptz"),
+    Column("boot", "text"),
+    Column("seq", "int8"),
+    Column("host_state", "text"),
+    Column("state", "text"),
+    *(Column(m, "float4") for m in REAL_METRICS),
+    Column("energy_j", "float8"),
+    Column("throttle", "text[]"),
+    Column("ecc_dbe", "int8"),
+    Column("xid", "int4"),
+    Column("slowdown_temp_c", "float4"),
+    Column("proc_pid", "int8[]"),
+    Column("proc_name", "text[]"),
+    Column("proc_mem_mib", "float4[]"),
+)
+
+EVENT_COLUMNS: tuple[Column, ...] = (
+    Column("id", "text"),
+    Column("host", "text"),
+    Column("ts", "float8", "to_timestamp(ts)"),
+    Column("kind", "text"),
+    Column("job_id", "text"),
+    Column("gpus", "int4[]"),
+    Column("exit_code", "int4"),
+    Column("detail", "text"),
+    Column("raw", "text", "raw::jsonb"),
+)
+
+STAGE_TELEMETRY = "aether_stage_telemetry"
+STAGE_EVENTS = "aether_stage_events"
+
+
+def staging_ddl(table: str, columns: Sequence[Column]) -> str:
+    """TEMP staging table, emptied at every commit so it never needs a TRUNCATE."""
+    cols = ", ".join(f"{c.name} {c.stage_type}" for c in columns)
+    return f"CREATE TEMP TABLE IF NOT EXISTS {table} ({cols}) ON COMMIT DELETE ROWS"
+
+
+def copy_sql(table: str, columns: Sequence[Column]) -> str:
+    return f"COPY {table} ({', '.join(c.name for c in columns)}) FROM STDIN (FORMAT BINARY)"
+
+
+def copy_types(columns: Sequence[Column]) -> list[str]:
+    return [c.stage_type for c in columns]
+
+
+def insert_select_sql(
+    target: str,
+    stage: str,
+    columns: Sequence[Column],
+    returning: str | None = None,
+    *,
+    skip_existing: bool = True,
+) -> str:
+    """Move staged rows into ``target``; with ``skip_existing`` rows whose unique key exists are skipped.
+
+    No conflict target: the statement then honours whatever unique key the
+    table has (the TimescaleDB path may change it).
+    """
+    names = ", ".join(c.name for c in columns)
+    exprs = ", ".join(c.expr for c in columns)
+    sql = f"INSERT INTO {target} ({names}) SELECT {exprs} FROM {stage}"
+    if skip_existing:
+        sql += " ON CONFLICT DO NOTHING"
+    return f"{sql} RETURNING {returning}" if returning else sql
+
+
+UPSERT_HOSTS_SQL = """INSERT INTO hosts (host, first_seen, last_seen, last_boot)
+SELECT h, to_timestamp(f), to_timestamp(l), b
+FROM unnest(%s::text[], %s::float8[], %s::float8[], %s::text[]) AS u(h, f, l, b)
+ON CONFLICT (host) DO UPDATE SET
+    first_seen = LEAST(hosts.first_seen, EXCLUDED.first_seen),
+    last_boot = CASE WHEN EXCLUDED.last_seen >= hosts.last_seen THEN EXCLUDED.last_boot ELSE hosts.last_boot END,
+    last_seen = GREATEST(hosts.last_seen, EXCLUDED.last_seen)"""
+
+UPSERT_GPUS_SQL = """INSERT INTO gpus (host, gpu_index, uuid, name, mem_total_mib, first_seen, last_seen)
+SELECT h, i, u, n, m, to_timestamp(f), to_timestamp(l)
+FROM unnest(%s::text[], %s::int4[], %s::text[], %s::text[], %s::float4[], %s::float8[], %s::float8[])
+    AS x(h, i, u, n, m, f, l)
+ON CONFLICT (host, gpu_index) DO UPDATE SET
+    uuid = CASE WHEN EXCLUDED.last_seen >= gpus.last_seen THEN EXCLUDED.uuid ELSE gpus.uuid END,
+    name = CASE WHEN EXCLUDED.last_seen >= gpus.last_seen THEN EXCLUDED.name ELSE gpus.name END,
+    mem_total_mib = COALESCE(CASE WHEN EXCLUDED.last_seen >= gpus.last_seen
+                                  THEN EXCLUDED.mem_total_mib END, gpus.mem_total_mib),
+    first_seen = LEAST(gpus.first_seen, EXCLUDED.first_seen),
+    last_seen = GREATEST(gpus.last_seen, EXCLUDED.last_seen)"""
+
+# DO UPDATE (not DO NOTHING) on purpose: it row-locks the dirty marker until
+# this batch commits, so a concurrent rollup refresh that deletes the marker
+# waits for the batch and then aggregates with a snapshot that includes it.
+MARK_DIRTY_SQL = """INSERT INTO rollup_dirty (host, gpu_index, bucket)
+SELECT h, i, to_timestamp(b) FROM unnest(%s::text[], %s::int4[], %s::float8[]) AS d(h, i, b)
+ON CONFLICT (host, gpu_index, bucket) DO UPDATE SET touched_at = EXCLUDED.touched_at"""
+
+
+# --------------------------------------------------------------------------- binary encoding
+
+# Type oids of the pre-encoded columns (pg_type; fixed since PostgreSQL 8).
+OID_TIMESTAMPTZ = 1184
+OID_TEXT_ARRAY = 1009
+OID_INT8_ARRAY = 1016
+OID_FLOAT4_ARRAY = 1021
+_OID_TEXT, _OID_INT8, _OID_FLOAT4 = 25, 20, 700
+
+
+class Encoded(bytes):
+    """A value already in PostgreSQL's binary format (see :mod:`store`'s pass-through dumpers)."""
+
+    __slots__ = ()
+
+
+_PG_EPOCH_S = 946_684_800.0  # 2000-01-01 UTC, PostgreSQL's timestamp origin
+_i64 = struct.Struct(">q").pack
+_hdr = struct.Struct(">iiiii").pack  # ndim, has_null, element oid, length, lower bound
+_NULL = b"\xff\xff\xff\xff"
+
+
+def encode_ts(epoch_s: float) -> Encoded:
+    """timestamptz as microseconds since 2000, rounded exactly as ``to_timestamp(float8)``
+    does (``rint``; Python's ``round`` is also half-to-even), so a sample stored
+    by either path gets the same ts and therefore the same unique key."""
+    return Encoded(_i64(round((epoch_s - _PG_EPOCH_S) * 1e6)))
+
+
+def _array(oid: int, items: Sequence[bytes | None]) -> Encoded:
+    """A one-dimensional array from already-encoded elements (None: NULL element)."""
+    if not items:
+        return Encoded(struct.pack(">iii", 0, 0, oid))
+    has_null = any(x is None for x in items)
+    parts = [_hdr(1, int(has_null), oid, len(items), 1)]
+    for x in items:
+        parts.append(_NULL if x is None else struct.pack(">i", len(x)) + x)
+    return Encoded(b"".join(parts))
+
+
+def encode_text_array(values: Sequence[str | None]) -> Encoded:
+    return _array(_OID_TEXT, [None if v is None else v.encode() for v in values])
+
+
+def encode_processes(procs: Sequence[Process]) -> tuple[Encoded, Encoded, Encoded]:
+    """(pid int8[], name text[], mem float4[]) ordered by pid."""
+    ps = sorted(procs, key=lambda p: p.pid)
+    pids = _array(_OID_INT8, [_i64(p.pid) for p in ps])
+    names = encode_text_array([p.name for p in ps])
+    mems = _array(
+        _OID_FLOAT4, [None if p.mem_used_mib is None else struct.pack(">f", p.mem_used_mib) for p in ps]
+    )
+    return pids, names, mems
+
+
+# --------------------------------------------------------------------------- row building
+
+ROLLUP_BUCKET_S = 60
+_NO_PROCS: tuple[None, None, None] = (None, None, None)
+
+
+@dataclass
+class TelemetryBatch:
+    """Rows for COPY plus the per-batch inventory and rollup bookkeeping."""
+
+    rows: list[tuple[object, ...]] = field(default_factory=list)
+    # host -> [first_ts, last_ts, boot at last_ts]
+    hosts: dict[str, list[object]] = field(default_factory=dict)
+    # (host, index) -> [uuid, name, mem_total_mib, first_ts, last_ts]
+    gpus: dict[tuple[str, int], list[object]] = field(default_factory=dict)
+    dirty: set[tuple[str, int, int]] = field(default_factory=set)  # (host, index, bucket start s)
+    processes: int = 0  # process entries in the rows' arrays
+
+    def host_params(self) -> tuple[list[object], ...]:
+        keys = sorted(self.hosts)  # fixed order: concurrent upserts lock rows alike, no deadlock
+        v = [self.hosts[k] for k in keys]
+        return (list(keys), [x[0] for x in v], [x[1] for x in v], [x[2] for x in v])
+
+    def gpu_params(self) -> tuple[list[object], ...]:
+        keys = sorted(self.gpus)
+        v = [self.gpus[k] for k in keys]
+        return (
+            [k[0] for k in keys],
+            [k[1] for k in keys],
+            [x[0] for x in v],
+            [x[1] for x in v],
+            [x[2] for x in v],
+            [x[3] for x in v],
+            [x[4] for x in v],
+        )
+
+    def dirty_params(self) -> tuple[list[object], ...]:
+        keys = sorted(self.dirty)
+        return ([k[0] for k in keys], [k[1] for k in keys], [float(k[2]) for k in keys])
+
+
+def build_telemetry_batch(messages: Sequence[Telemetry]) -> TelemetryBatch:
+    """Flatten host messages into one row per GPU sample (pure; order of TELEMETRY_COLUMNS).
+
+    The hot loop of ingest (about a microsecond per GPU sample): per-message
+    work is hoisted out of the GPU loop, and arrays are encoded once per
+    distinct value in the batch (throttle reasons and process lists repeat
+    from one second to the next).
+    """
+    b = TelemetryBatch()
+    rows_append = b.rows.append
+    throttles: dict[tuple[str, ...], Encoded] = {}
+    procs_cache: dict[tuple[Process, ...], tuple[Encoded, Encoded, Encoded]] = {}
+    hosts, gpus, dirty = b.hosts, b.gpus, b.dirty
+    n_procs = 0
+    for t in messages:
+        host, boot, seq, ts, hstate = t.host, t.boot, t.seq, t.ts, t.state
+        ts_enc = encode_ts(ts)
+        bucket = int(ts // ROLLUP_BUCKET_S) * ROLLUP_BUCKET_S
+        h = hosts.get(host)
+        if h is None:
+            hosts[host] = [ts, ts, boot]
+        else:
+            if ts < h[0]:  # type: ignore[operator]
+                h[0] = ts
+            if ts >= h[1]:  # type: ignore[operator]
+                h[1] = ts
+                h[2] = boot
+        for g in t.gpus:
+            idx = g.index
+            th = g.throttle
+            if th is not None:
+                key = tuple(th)
+                th_enc = throttles.get(key)
+                if th_enc is None:
+                    th_enc = throttles[key] = encode_text_array(key)
+            else:
+                th_enc = None
+            ps = g.processes
+            if ps is None:
+                pe: tuple[Encoded | None, ...] = _NO_PROCS
+            else:
+                pkey = tuple(ps)
+                pe = procs_cache.get(pkey)  # type: ignore[assignment]
+                if pe is None:
+                    pe = procs_cache[pkey] = encode_processes(pkey)
+                n_procs += len(ps)
+            rows_append(
+                (
+                    host, idx, g.uuid, ts_enc, boot, seq, hstate, g.state,
+                    g.temp_c, g.mem_used_mib, g.mem_total_mib, g.util_pct, g.mem_util_pct,
+                    g.power_w, g.power_limit_w, g.sm_clock_mhz, g.mem_clock_mhz, g.fan_pct,
+                    g.energy_j, th_enc, g.ecc_dbe, g.xid, g.slowdown_temp_c, *pe,
+                )
+            )  # fmt: skip
+            key2 = (host, idx)
+            inv = gpus.get(key2)
+            if inv is None:
+                gpus[key2] = [g.uuid, g.name, g.mem_total_mib, ts, ts]
+            else:
+                if ts < inv[3]:  # type: ignore[operator]
+                    inv[3] = ts
+                if ts >= inv[4]:  # type: ignore[operator]
+                    inv[0], inv[1], inv[4] = g.uuid, g.name, ts
+                    if g.mem_total_mib is not None:
+                        inv[2] = g.mem_total_mib
+            dirty.add((host, idx, bucket))
+    b.processes = n_procs
+    return b
+
+
+def dedupe_events(events: Sequence[Event]) -> list[Event]:
+    """First occurrence of each event id (a batch can hold a redelivered copy)."""
+    seen: set[str] = set()
+    out: list[Event] = []
+    for e in events:
+        if e.id not in seen:
+            seen.add(e.id)
+            out.append(e)
+    return out
+
+
+_json = msgspec.json.Encoder()
+
+
+def build_event_rows(events: Sequence[Event]) -> list[tuple[object, ...]]:
+    return [
+        (e.id, e.host, e.ts, e.kind, e.job_id, e.gpus, e.exit_code, e.detail, _json.encode(e).decode())
+        for e in events
+    ]
+
+
+# Statements the store runs, built once.
+COPY_TELEMETRY = copy_sql("telemetry", TELEMETRY_COLUMNS).encode()
+COPY_STAGE_TELEMETRY = copy_sql(STAGE_TELEMETRY, TELEMETRY_COLUMNS).encode()
+INSERT_STAGED_TELEMETRY = insert_select_sql("telemetry", STAGE_TELEMETRY, TELEMETRY_COLUMNS).encode()
+COPY_STAGE_EVENTS = copy_sql(STAGE_EVENTS, EVENT_COLUMNS).encode()
+INSERT_EVENTS = insert_select_sql("events", STAGE_EVENTS, EVENT_COLUMNS, returning="id").encode()
+STAGING_DDL = ";\n".join(
+    staging_ddl(t, c) for t, c in ((STAGE_TELEMETRY, TELEMETRY_COLUMNS), (STAGE_EVENTS, EVENT_COLUMNS))
+).encode()
