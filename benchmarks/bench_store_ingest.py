@@ -104,6 +104,41 @@ async def _publisher(url: str, n: int, hosts: int, gpus: int, procs: int) -> Non
     await nc.close()
 
 
+# --------------------------------------------------------------------------- CPU accounting
+
+
+def _cpu_seconds(pids: dict[str, list[int]]) -> dict[str, float]:
+    """user+system CPU seconds so far per role (psutil, optional: {} without it)."""
+    try:
+        import psutil
+    except ImportError:
+        return {}
+    out: dict[str, float] = {}
+    for role, ps in pids.items():
+        total = 0.0
+        for pid in ps:
+            try:
+                t = psutil.Process(pid).cpu_times()
+            except psutil.Error:
+                continue
+            total += t.user + t.system
+        out[role] = total
+    return out
+
+
+def _roles(nats_pid: int, pub_pid: int, pgdata: Path) -> dict[str, list[int]]:
+    """Processes by role; PostgreSQL's are this run's postmaster and its children."""
+    try:
+        import psutil
+    except ImportError:
+        return {}
+    pg: list[int] = []
+    for proc in psutil.process_iter(["cmdline"]):
+        if str(pgdata) in " ".join(proc.info["cmdline"] or ()):
+            pg += [proc.pid, *(c.pid for c in proc.children())]
+    return {"ingest": [os.getpid()], "postgres": pg, "nats-server": [nats_pid], "publisher": [pub_pid]}
+
+
 # --------------------------------------------------------------------------- benchmark
 
 
@@ -222,6 +257,14 @@ async def _main(args: argparse.Namespace) -> None:
         )
         assert pub.stdin is not None and pub.stdout is not None
         await asyncio.to_thread(pub.stdout.readline)  # "ready"
+        roles = _roles(nproc.pid, pub.pid, tmp / "pg")
+        cpu0 = _cpu_seconds(roles)
+        prof = None
+        if args.profile:
+            import cProfile
+
+            prof = cProfile.Profile()
+            prof.enable()
         t = time.perf_counter()
         pub.stdin.write("go\n")
         pub.stdin.flush()
@@ -229,11 +272,20 @@ async def _main(args: argparse.Namespace) -> None:
         while ingest.status.rows_written < total_rows and time.perf_counter() < deadline:
             await asyncio.sleep(0.02)
         dt = time.perf_counter() - t
+        cpu1 = _cpu_seconds(roles)
+        if prof is not None:
+            import pstats
+
+            prof.disable()
+            pstats.Stats(prof).sort_stats("tottime").print_stats(25)
         print((await asyncio.to_thread(pub.stdout.readline)).strip())
         pub.wait()
         written = ingest.status.rows_written
         pipeline = written / dt
         print(f"pipeline: {written} rows stored+acked in {dt:.2f}s = {pipeline:,.0f} rows/s")
+        if cpu1:
+            spent = ", ".join(f"{k} {cpu1[k] - cpu0.get(k, 0.0):.2f}" for k in cpu1)
+            print(f"CPU seconds during the pipeline run ({2 * dt:.2f} available on 2 cores): {spent}")
         await ingest.stop()
         await nc.close()
 
@@ -262,6 +314,7 @@ def main() -> None:
     p.add_argument("--gpus", type=int, default=8, help="GPUs per host message")
     p.add_argument("--procs", type=int, default=1, help="processes listed per GPU (rows in gpu_processes)")
     p.add_argument("--batch", type=int, default=2000)
+    p.add_argument("--profile", action="store_true", help="cProfile the ingest process during the run")
     asyncio.run(_main(p.parse_args()))
 
 

@@ -177,6 +177,7 @@ class ActiveFault:
     _spike_until: float = field(default=-math.inf, repr=False)
     _spike_frac: float = field(default=0.0, repr=False)
     _next_xid: float | None = field(default=None, repr=False)
+    _ecc_opened: bool = field(default=False, repr=False)
 
     def active(self, now: float) -> bool:
         return self.spec.active(now - self.origin)
@@ -209,6 +210,11 @@ class ActiveFault:
         elif kind == "xid_storm":
             self._xids(t, eff)
         elif kind == "ecc_errors":
+            # Like an XID storm, the fault opens with its first error (its onset is when it shows);
+            # more follow at ``rate`` per minute.
+            if not self._ecc_opened:
+                self._ecc_opened = True
+                eff.ecc_new += 1
             eff.ecc_new += _poisson(self.rng, spec.num("rate") * dt / 60.0)
 
     def _spikes(self, t: float, dt: float, eff: Effects) -> None:

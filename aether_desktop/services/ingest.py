@@ -290,9 +290,9 @@ class JetStreamIngest:
                         bad.append((m, exc))
                         continue
                     good.append(m)
-            for m, exc in bad:
-                log.warning("rejected %s message on %s: %s", pipe.spec.kind, m.subject, exc)
-                self.rejects.add(exc.reason)
+            for m, err in bad:
+                log.warning("rejected %s message on %s: %s", pipe.spec.kind, m.subject, err)
+                self.rejects.add(err.reason)
                 await self._term(m)
             if self._status.rejected != self.rejects.total:
                 self._update(rejected=self.rejects.total)

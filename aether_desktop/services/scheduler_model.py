@@ -446,7 +446,7 @@ def model_created_ts(meta: dict[str, Any]) -> float | None:
     created = meta.get("created")
     if isinstance(created, str):
         try:
-            return calendar.timegm(time.strptime(created, "%Y-%m-%dT%H:%M:%SZ"))
+            return float(calendar.timegm(time.strptime(created, "%Y-%m-%dT%H:%M:%SZ")))
         except ValueError:
             return None
     return None
@@ -463,7 +463,7 @@ def model_summary(meta: dict[str, Any]) -> str:
 
     fleet = int(meta.get("fleet_rows") or 0)
     jobs = meta.get("fleet_jobs")
-    from_fleet = f"{fleet:,} from the fleet" + (f" ({jobs:,} jobs)" if isinstance(jobs, int) else "")
+    from_fleet = f"{fleet:,} from {jobs:,} fleet jobs" if isinstance(jobs, int) else f"{fleet:,} from the fleet"
     rows = int(meta.get("training_rows") or 0) + int(meta.get("validation_rows") or 0)
     return (
         f"Placement model {version}, trained {str(meta.get('created', '?')).replace('T', ' ')}: "

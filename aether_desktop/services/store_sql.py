@@ -6,7 +6,9 @@ Telemetry rows are COPYed straight into ``telemetry`` in the table's own
 types. Values psycopg's C dumpers handle fast (text, ints, floats) go as
 Python objects; the rest (timestamps, arrays) are pre-encoded here into
 PostgreSQL's binary wire format, once per message or once per distinct value
-in a batch, and passed through by :class:`Encoded` dumpers.
+in a batch (:class:`Encoded`), and copied verbatim by psycopg's bytes dumper:
+binary COPY carries no type oids, the server reads each field as the target
+column's type.
 """
 
 from __future__ import annotations
@@ -27,10 +29,15 @@ class Column:
     name: str
     stage_type: str
     load: str | None = None  # SQL expression over the staging row; default: the column itself
+    encoded: bool = False  # rows carry an Encoded value (dumped verbatim, as bytea)
 
     @property
     def expr(self) -> str:
         return self.load or self.name
+
+    @property
+    def copy_type(self) -> str:
+        return "bytea" if self.encoded else self.stage_type
 
 
 # Metrics stored as float4; energy_j is float8 (a large cumulative counter).
@@ -52,20 +59,20 @@ TELEMETRY_COLUMNS: tuple[Column, ...] = (
     Column("host", "text"),
     Column("gpu_index", "int4"),
     Column("gpu_uuid", "text"),
-    Column("ts", "timestamptz"),
+    Column("ts", "timestamptz", encoded=True),
     Column("boot", "text"),
     Column("seq", "int8"),
     Column("host_state", "text"),
     Column("state", "text"),
     *(Column(m, "float4") for m in REAL_METRICS),
     Column("energy_j", "float8"),
-    Column("throttle", "text[]"),
+    Column("throttle", "text[]", encoded=True),
     Column("ecc_dbe", "int8"),
     Column("xid", "int4"),
     Column("slowdown_temp_c", "float4"),
-    Column("proc_pid", "int8[]"),
-    Column("proc_name", "text[]"),
-    Column("proc_mem_mib", "float4[]"),
+    Column("proc_pid", "int8[]", encoded=True),
+    Column("proc_name", "text[]", encoded=True),
+    Column("proc_mem_mib", "float4[]", encoded=True),
 )
 
 EVENT_COLUMNS: tuple[Column, ...] = (
@@ -95,7 +102,8 @@ def copy_sql(table: str, columns: Sequence[Column]) -> str:
 
 
 def copy_types(columns: Sequence[Column]) -> list[str]:
-    return [c.stage_type for c in columns]
+    """Dumper types for COPY's set_types(): pre-encoded columns are passed as bytea."""
+    return [c.copy_type for c in columns]
 
 
 def insert_select_sql(
@@ -149,16 +157,12 @@ ON CONFLICT (host, gpu_index, bucket) DO UPDATE SET touched_at = EXCLUDED.touche
 
 # --------------------------------------------------------------------------- binary encoding
 
-# Type oids of the pre-encoded columns (pg_type; fixed since PostgreSQL 8).
-OID_TIMESTAMPTZ = 1184
-OID_TEXT_ARRAY = 1009
-OID_INT8_ARRAY = 1016
-OID_FLOAT4_ARRAY = 1021
+# Element type oids written into binary arrays (pg_type; fixed since PostgreSQL 8).
 _OID_TEXT, _OID_INT8, _OID_FLOAT4 = 25, 20, 700
 
 
 class Encoded(bytes):
-    """A value already in PostgreSQL's binary format (see :mod:`store`'s pass-through dumpers)."""
+    """A value already in PostgreSQL's binary format for its column."""
 
     __slots__ = ()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import nats
@@ -407,4 +408,159 @@ async def test_no_placement_while_not_ready(repo: JobRepository, pg_dsn: str, bu
     ready = True
     await d.tick()
     assert (await state(repo, "j1")).state == "dispatched"
+    await d.stop()
+
+
+# --------------------------------------------------------------------------- dead hosts
+
+
+async def _start(repo: JobRepository, job_id: str, host: str, ts: float) -> None:
+    async with repo._pool.connection() as conn, conn.transaction():
+        await repo.apply_events(conn, [Event(v=1, host=host, ts=ts, id=f"start-{job_id}", kind="job_started",
+                                             job_id=job_id, gpus=[0])])  # fmt: skip
+
+
+async def test_jobs_on_a_host_that_stops_reporting_become_lost(
+    repo: JobRepository, pg_dsn: str, bus: Bus, agent: Agent
+) -> None:
+    clock = Clock()
+    online = {"node-1": True}
+    cands = [gpu("node-1", 0), gpu("node-1", 1)]
+    d = make(repo, pg_dsn, bus, cands, clock=clock, host_online=online.__getitem__, host_grace_s=30.0)
+    standby = make(repo, pg_dsn, bus, cands, clock=clock, host_online=online.__getitem__, host_grace_s=30.0)
+    await repo.submit(req("j-run"))
+    await repo.submit(req("j-sent", submitted_ts=T0 + 1))
+    assert await d.try_acquire() and not await standby.try_acquire()
+    await d.tick()
+    await _start(repo, "j-run", "node-1", T0 + 1)
+    assert [(await state(repo, j)).state for j in ("j-run", "j-sent")] == ["running", "dispatched"]
+
+    online["node-1"] = False  # the host dies: no more telemetry
+    for t in (10, 25, 40):  # first seen offline at +10; +40 is exactly the grace, not over it
+        clock.now = T0 + t
+        await d.tick()
+    assert [(await state(repo, j)).state for j in ("j-run", "j-sent")] == ["running", "dispatched"]
+    clock.now = T0 + 41
+    await standby.tick()  # only the dispatching station declares jobs lost
+    assert (await state(repo, "j-run")).state == "running"
+    await d.tick()
+    for job_id, was in (("j-run", "running"), ("j-sent", "dispatched")):
+        rec = await state(repo, job_id)
+        assert rec.state == "lost" and rec.ended_ts == T0 + 41
+        assert rec.reason == f"host node-1 stopped reporting: no telemetry for over 30 s while the job was {was}"
+    await d.stop()
+    await standby.stop()
+
+
+async def test_a_host_back_within_the_grace_keeps_its_jobs(
+    repo: JobRepository, pg_dsn: str, bus: Bus, agent: Agent
+) -> None:
+    clock = Clock()
+    online = {"node-1": True}
+    d = make(repo, pg_dsn, bus, [gpu("node-1", 0)], clock=clock, host_online=online.__getitem__, host_grace_s=30.0)
+    await repo.submit(req("j1"))
+    assert await d.try_acquire()
+    await d.tick()
+    await _start(repo, "j1", "node-1", T0 + 1)
+    online["node-1"] = False
+    clock.now = T0 + 10
+    await d.tick()
+    online["node-1"] = True  # a network blip
+    clock.now = T0 + 20
+    await d.tick()
+    online["node-1"] = False  # offline again: the grace starts over
+    for t in (50, 79):
+        clock.now = T0 + t
+        await d.tick()
+    assert (await state(repo, "j1")).state == "running"
+    clock.now = T0 + 81
+    await d.tick()
+    assert (await state(repo, "j1")).state == "lost"
+    await d.stop()
+
+
+async def test_no_job_is_lost_before_the_station_has_heard_from_its_hosts(
+    repo: JobRepository, pg_dsn: str, bus: Bus
+) -> None:
+    # Jobs left running by an earlier session; this station has just started and its
+    # fleet view is still empty, so every host looks offline for a moment.
+    for job_id, host in (("j-a", "node-a"), ("j-b", "node-b")):
+        await repo.submit(req(job_id))
+        assert await repo.mark_dispatched(job_id, Decision("place", "earlier", host=host, gpus=(0,)), T0)
+        await _start(repo, job_id, host, T0 + 1)
+    clock = Clock()
+    clock.now = T0 + 3600
+    heard: set[str] = set()
+    ready = False
+    d = make(repo, pg_dsn, bus, [], clock=clock, host_online=heard.__contains__, host_grace_s=30.0,
+             ready=lambda: ready)  # fmt: skip
+    assert await d.try_acquire()
+    clock.now = T0 + 3700
+    await d.tick()  # not connected yet: the clock has not started
+    ready = True
+    await d.tick()  # connected at +3700: the grace counts from here, not from the jobs' dispatch
+    clock.now = T0 + 3710
+    heard.add("node-a")  # node-a's first telemetry arrives
+    await d.tick()
+    clock.now = T0 + 3730
+    await d.tick()
+    assert [(await state(repo, j)).state for j in ("j-a", "j-b")] == ["running", "running"]
+    clock.now = T0 + 3731
+    await d.tick()  # node-b has been silent for the whole grace since the station connected
+    assert [(await state(repo, j)).state for j in ("j-a", "j-b")] == ["running", "lost"]
+    await d.stop()
+
+
+# --------------------------------------------------------------------------- placement model retraining
+
+
+async def test_placements_become_training_data_and_the_live_scheduler_switches_model(
+    repo: JobRepository, pg_dsn: str, bus: Bus, agent: Agent, tmp_path: Path
+) -> None:
+    from aether_desktop.services.job_placements import PlacementStore
+    from aether_desktop.services.placement_retrain import PlacementRetrainer, RetrainPolicy, placement_rows
+    from aether_desktop.services.scheduler import Scheduler
+    from aether_desktop.services.scheduler_model import FEATURE_NAMES, ModelStore, generate_training_data, train
+
+    models = ModelStore(tmp_path)
+    model = models.save(train(generate_training_data(n_jobs=400, seed=0, fleets=1), rounds=10))
+    scheduler = Scheduler(model)
+    clock = Clock()
+    d = make(repo, pg_dsn, bus, [gpu("node-1", i) for i in range(4)], placer=scheduler, clock=clock,
+             placement_features=placement_rows)  # fmt: skip
+    for i in range(4):
+        await repo.submit(req(f"j{i}", submitted_ts=T0 + i, mem_mib=4000.0, expected_s=100.0))
+    assert await d.try_acquire()
+    await d.tick()
+    events = []
+    for i in range(4):
+        rec = await state(repo, f"j{i}")
+        assert rec.state == "dispatched" and rec.decision is not None and rec.decision["model_version"] == "v1"
+        g = rec.gpus[0]
+        events.append(Event(v=1, host="node-1", ts=T0 + 5, id=f"s{i}", kind="job_started", job_id=f"j{i}", gpus=[g]))
+        end = (Event(v=1, host="node-1", ts=T0 + 125, id=f"f{i}", kind="job_finished", job_id=f"j{i}", exit_code=0)
+               if i else Event(v=1, host="node-1", ts=T0 + 50, id=f"f{i}", kind="job_failed", job_id=f"j{i}",
+                               exit_code=1, detail=f"CUDA out of memory: tried to allocate 9 MiB on GPU {g}"))  # fmt: skip
+        events.append(end)
+    async with repo._pool.connection() as conn, conn.transaction():
+        await repo.apply_events(conn, events)
+
+    store = PlacementStore(repo._pool)
+    outcomes = await store.outcomes()
+    assert len(outcomes) == 4 and all(o.names == FEATURE_NAMES for o in outcomes)
+    assert await store.count_ended_since(T0) == 4
+
+    def switch(m: object) -> None:
+        scheduler.model = m  # type: ignore[assignment]
+
+    r = PlacementRetrainer(store, models, model, on_model=switch, policy=RetrainPolicy(sim_jobs=400))
+    new = await r.retrain()
+    assert new.version == "v2" and new.meta["fleet_rows"] == 4 and new.meta["fleet_jobs"] == 4
+    assert scheduler.model is new and models.versions() == [1, 2]
+    # The next placement comes from the new version, with no restart.
+    await repo.submit(req("after", submitted_ts=T0 + 200, mem_mib=4000.0))
+    clock.now = T0 + 200
+    await d.tick()
+    after = await state(repo, "after")
+    assert after.decision is not None and after.decision["model_version"] == "v2"
     await d.stop()

@@ -122,6 +122,12 @@ async def assert_exactly_once(dsn: str, msgs: Sequence[Telemetry]) -> None:
     n, keys = await stored_keys(dsn)
     assert keys == want
     assert n == len(want), f"{n - len(want)} duplicate rows"
+    # Every sample carries its process list exactly once (telemetry_msg: one per GPU).
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        cur = await conn.execute(
+            "SELECT count(*) FROM telemetry WHERE proc_pid = ARRAY[1000 + gpu_index]::bigint[]"
+        )
+        assert await cur.fetchone() == (len(want),)
 
 
 @pytest.fixture
@@ -230,9 +236,13 @@ async def test_database_down_then_back(nc: NatsClient, own_pg: RestartablePg) ->
         await asyncio.to_thread(own_pg.stop)
         during = [telemetry_msg("h1", "b", s) for s in range(300, 800)]
         await publish(nc, during)
+        down_at = time.monotonic()
         await wait_for(
             lambda: not ingest.status.db_ok and ingest.status.waiting > 0, "db_ok False with a backlog"
         )
+        # Promptly: a failed checkout reports at once, a hung write after
+        # stall_s (10 s); never only at the write watchdog or not at all.
+        assert time.monotonic() - down_at < 30, f"db_ok stayed True for {time.monotonic() - down_at:.0f} s"
         assert ingest.status.last_error
         await asyncio.to_thread(own_pg.start)
 
@@ -243,6 +253,31 @@ async def test_database_down_then_back(nc: NatsClient, own_pg: RestartablePg) ->
     finally:
         await ingest.stop()
         await store.close()
+
+
+async def test_stalled_database_reported_before_the_write_watchdog(
+    nc: NatsClient, store: Store, pg_dsn: str
+) -> None:
+    """A write that hangs (here: blocked on a lock another session holds) flips
+    db_ok to False after stall_s, well before write_timeout_s gives up on it;
+    once the database answers again everything is stored exactly once."""
+    ingest = make_ingest(nc, store, stall_s=1.0, write_timeout_s=60.0)
+    await ingest.start()
+    try:
+        first = [telemetry_msg("h1", "b", s) for s in range(10)]
+        await publish(nc, first)
+        await assert_exactly_once(pg_dsn, first)
+        async with await psycopg.AsyncConnection.connect(pg_dsn) as blocker:
+            await blocker.execute("LOCK TABLE hosts IN ACCESS EXCLUSIVE MODE")  # the batch upserts hosts
+            more = [telemetry_msg("h1", "b", s) for s in range(10, 40)]
+            await publish(nc, more)
+            await wait_for(lambda: not ingest.status.db_ok, "db_ok False while the write hangs")
+            assert "not stored after" in (ingest.status.last_error or "")
+            await blocker.rollback()
+        await assert_exactly_once(pg_dsn, first + more)
+        await wait_for(lambda: ingest.status.db_ok, "db_ok again")
+    finally:
+        await ingest.stop()
 
 
 # --------------------------------------------------------------------------- (3) NATS restart

@@ -6,10 +6,12 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
+import numpy as np
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
 from aether_desktop.cli import submit
+from aether_desktop.services.job_placements import PlacementRows, PlacementStore, fleet_examples
 from aether_desktop.services.jobs import JobRecord, JobRepository, JobWatcher
 from aether_desktop.services.jobtypes import Decision, JobRequest, ScoredCandidate
 from aether_protocol import PROTOCOL_VERSION, Event
@@ -317,3 +319,58 @@ async def test_cli_wait_follows_the_job_to_its_end(
     out = capsys.readouterr().out.splitlines()
     assert out[0] == job_id
     assert out[-1].endswith(f"{job_id} failed on node-1:0 (exit 3): exit code 3")
+
+
+# --------------------------------------------------------------------------- placements (retraining data)
+
+
+def _rows(n_gpus: int, first: float = 1.0) -> PlacementRows:
+    names = ("temp_c", "gpu_model")
+    # NaN is what an unknown GPU model becomes; the array column must keep it.
+    return PlacementRows(names, [[first + i, float("nan")] for i in range(n_gpus)])
+
+
+async def test_placement_rows_are_stored_with_the_dispatch_and_read_back_with_the_outcome(
+    repo: JobRepository,
+) -> None:
+    store = PlacementStore(repo._pool)
+    await repo.submit(_req("ok", expected_s=100.0))
+    await repo.submit(_req("oom"))
+    await repo.submit(_req("plain"))  # dispatched without rows (e.g. a fake placer): no placement row
+    assert await repo.mark_dispatched("ok", _place(), T0 + 1, features=_rows(1, 40.0))
+    assert await repo.mark_dispatched("oom", _place(gpus=(1, 2)), T0 + 1, features=_rows(2))
+    assert await repo.mark_dispatched("plain", _place(), T0 + 1)
+    # A second dispatch of the same job is refused, and so is a second placement row.
+    assert not await repo.mark_dispatched("ok", _place(), T0 + 2, features=_rows(1, 99.0))
+    assert await store.outcomes() == [] and await store.count_ended_since(T0) == 0
+
+    await _apply(
+        repo,
+        _event("job_started", "ok", "e1", T0 + 10),
+        _event("job_finished", "ok", "e2", T0 + 130, exit_code=0),
+        _event("job_started", "oom", "e3", T0 + 10),
+        _event("job_failed", "oom", "e4", T0 + 20, exit_code=1, detail="CUDA out of memory on GPU 2"),
+        _event("job_finished", "plain", "e5", T0 + 20, exit_code=0),
+    )
+    got = {o.job_id: o for o in await store.outcomes()}
+    assert set(got) == {"ok", "oom"}
+    ok, oom = got["ok"], got["oom"]
+    assert (ok.state, ok.gpus, ok.expected_s, ok.names) == ("finished", (0,), 100.0, ("temp_c", "gpu_model"))
+    assert ok.features[0, 0] == 40.0 and np.isnan(ok.features[0, 1])
+    assert (ok.started_ts, ok.ended_ts, ok.expected_slowdown) == (T0 + 10, T0 + 130, 1.05)
+    assert oom.state == "failed" and oom.reason == "CUDA out of memory on GPU 2" and oom.features.shape == (2, 2)
+    assert await store.count_ended_since(T0) == 2 and await store.count_ended_since(T0 + 20) == 1
+    ex = fleet_examples(list(got.values()), ("temp_c", "gpu_model"))
+    assert sorted(ex.success.tolist()) == [0.0, 1.0] and ex.slowdown.max() == pytest.approx(1.2)
+
+
+async def test_mark_lost_from_running_only_when_asked(repo: JobRepository) -> None:
+    await _dispatched(repo, "j1")
+    await _apply(repo, _event("job_started", "j1", "e1", T0 + 2))
+    assert not await repo.mark_lost("j1", "start timeout", T0 + 3)  # running: the default leaves it alone
+    assert await repo.mark_lost("j1", "host node-1 stopped reporting", T0 + 4, only_from=("dispatched", "running"))
+    rec = await repo.get("j1")
+    assert rec is not None and (rec.state, rec.reason, rec.ended_ts) == ("lost", "host node-1 stopped reporting", T0 + 4)
+    # The host comes back and reports the job finished: lost stays lost.
+    await _apply(repo, _event("job_finished", "j1", "e2", T0 + 5, exit_code=0))
+    assert (await repo.get("j1")).state == "lost"  # type: ignore[union-attr]

@@ -17,7 +17,7 @@ import pytest
 
 from aether_desktop.services.history import History
 from aether_desktop.services.store import MIGRATIONS_DIR, Store, apply_migrations, discover_migrations
-from aether_protocol.messages import Event, GpuSample, Telemetry
+from aether_protocol.messages import Event, GpuSample, Process, Telemetry
 
 pytestmark = pytest.mark.integration
 
@@ -97,13 +97,94 @@ async def test_upgrade_from_older_schema(pg_dsn: str, tmp_path: Path) -> None:
         assert applied == [m.version for m in discover_migrations() if m.version > 3]
         cur = await conn.execute("SELECT version, name FROM schema_migrations ORDER BY version")
         rows = await cur.fetchall()
-    assert rows[:5] == [
+    assert rows[:6] == [
         (1, "telemetry"),
         (2, "gpu_processes"),
         (3, "events"),
         (4, "inventory"),
         (5, "rollups"),
+        (6, "telemetry_fast_ingest"),
     ]
+
+
+async def test_upgrade_to_006_moves_processes_into_telemetry(pg_dsn: str, tmp_path: Path) -> None:
+    """A database written by the 001-005 schema keeps its samples and processes."""
+    old = tmp_path / "old"
+    old.mkdir()
+    for p in MIGRATIONS_DIR.glob("00[1-5]_*.sql"):
+        shutil.copy(p, old / p.name)
+    async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as conn:
+        await apply_migrations(conn, old)
+        await conn.execute(
+            "INSERT INTO telemetry (host, gpu_index, gpu_uuid, ts, boot, seq, host_state, state)"
+            " VALUES ('h1', 0, 'u', to_timestamp(%s), 'b', 1, 'active', 'ok'),"
+            " ('h1', 1, 'u', to_timestamp(%s), 'b', 1, 'active', 'ok')",
+            (T0, T0),
+        )
+        await conn.execute(
+            "INSERT INTO gpu_processes (host, boot, seq, gpu_index, ts, pid, name, mem_used_mib)"
+            " VALUES ('h1', 'b', 1, 0, to_timestamp(%s), 20, 'b', 2), ('h1', 'b', 1, 0, to_timestamp(%s), 10, 'a', 1)",
+            (T0, T0),
+        )
+        await apply_migrations(conn)
+        cur = await conn.execute(
+            "SELECT gpu_index, proc_pid, proc_name, proc_mem_mib FROM telemetry ORDER BY 1"
+        )
+        assert await cur.fetchall() == [(0, [10, 20], ["a", "b"], [1.0, 2.0]), (1, None, None, None)]
+        cur = await conn.execute("SELECT pid, name FROM gpu_processes ORDER BY pid")
+        assert await cur.fetchall() == [(10, "a"), (20, "b")]
+
+
+async def test_processes_stored_with_their_sample_and_readable_as_rows(store: Store, pg_dsn: str) -> None:
+    def with_procs(seq: int, procs: list[Process] | None) -> Telemetry:
+        m = sample("h1", seq, T0 + seq, gpus=1)
+        return Telemetry(**{**{f: getattr(m, f) for f in m.__struct_fields__},
+                            "gpus": [GpuSample(**{**{f: getattr(m.gpus[0], f) for f in m.gpus[0].__struct_fields__},
+                                                  "processes": procs})]})  # fmt: skip
+
+    procs = [
+        Process(pid=300, name="train.py", mem_used_mib=2048.0),
+        Process(pid=12, name=None, mem_used_mib=None),
+    ]
+    r = await store.write_batch([with_procs(0, procs), with_procs(1, []), with_procs(2, None)], [])
+    assert (r.telemetry_rows, r.process_rows) == (3, 2)
+    async with await psycopg.AsyncConnection.connect(pg_dsn) as conn:
+        cur = await conn.execute("SELECT seq, proc_pid, proc_name, proc_mem_mib FROM telemetry ORDER BY seq")
+        assert await cur.fetchall() == [
+            (0, [12, 300], [None, "train.py"], [None, 2048.0]),
+            (1, [], [], []),  # reported: nothing running
+            (2, None, None, None),  # not reported
+        ]
+        # The compatibility view gives one row per process, as the old table did.
+        cur = await conn.execute(
+            "SELECT seq, gpu_index, pid, name, mem_used_mib FROM gpu_processes ORDER BY pid"
+        )
+        assert await cur.fetchall() == [(0, 0, 12, None, None), (0, 0, 300, "train.py", 2048.0)]
+        # An old-style writer adds a process to an existing sample through the view.
+        await conn.execute(
+            "INSERT INTO gpu_processes (host, boot, seq, gpu_index, ts, pid, name, mem_used_mib)"
+            " VALUES ('h1', 'b1', 2, 0, to_timestamp(%s), 5, 'late', 1)",
+            (T0 + 2,),
+        )
+        cur = await conn.execute("SELECT proc_pid, proc_name FROM telemetry WHERE seq = 2")
+        assert await cur.fetchone() == ([5], ["late"])
+
+
+async def test_copy_path_and_staging_path_store_the_same_ts(store: Store, pg_dsn: str) -> None:
+    """The unique key holds ts: a sample must get the same ts whichever path stores it
+    (binary COPY, the staging fallback, or SQL's to_timestamp in older rows)."""
+    odd = [1_764_000_000.1234565, 1_764_000_000.0000005, 1_764_000_000.9999995]
+    first = [sample("h1", i, ts, gpus=1) for i, ts in enumerate(odd)]
+    assert (await store.write_batch(first, [])).telemetry_rows == 3  # COPY path
+    again = [*first, sample("h1", 9, odd[0] + 1, gpus=1)]
+    r = await store.write_batch(again, [])  # duplicates: staging path
+    assert (r.telemetry_rows, r.telemetry_duplicates) == (1, 3)
+    async with await psycopg.AsyncConnection.connect(pg_dsn) as conn:
+        cur = await conn.execute(
+            "SELECT count(*) FROM telemetry t JOIN unnest(%s::float8[]) AS o(s) ON t.ts = to_timestamp(o.s)",
+            (odd,),
+        )
+        assert await cur.fetchone() == (3,)
 
 
 async def test_two_stations_migrating_at_once(pg_dsn: str) -> None:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import re
+import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from aether_desktop.services import history, store
+from aether_desktop.services import history, store, store_sql
 from aether_desktop.services.ingest import RejectCounter, stream_specs
 from aether_protocol.messages import Event, GpuSample, Process, Telemetry
 
@@ -50,53 +52,79 @@ def test_migration_names_and_order(tmp_path: Path) -> None:
 
 def test_own_migration_files_are_numbered_001_to_009() -> None:
     mine = [m for m in store.discover_migrations() if m.version < 10]
-    assert [m.version for m in mine] == [1, 2, 3, 4, 5]
+    assert [m.version for m in mine] == [1, 2, 3, 4, 5, 6]
 
 
 def test_staging_copy_and_insert_sql() -> None:
-    cols = store.TELEMETRY_COLUMNS
-    ddl = store.staging_ddl("s", cols)
+    cols = store_sql.TELEMETRY_COLUMNS
+    ddl = store_sql.staging_ddl("s", cols)
     assert ddl.startswith("CREATE TEMP TABLE IF NOT EXISTS s (host text, gpu_index int4,")
+    assert "ts timestamptz" in ddl and "proc_pid int8[]" in ddl
     assert ddl.endswith("ON COMMIT DELETE ROWS")
-    assert store.copy_sql("s", cols[:2]) == "COPY s (host, gpu_index) FROM STDIN (FORMAT BINARY)"
-    assert store.copy_types(cols[:4]) == ["text", "int4", "text", "float8"]
-    plain = store.insert_select_sql("telemetry", "s", cols, skip_existing=False)
-    assert "to_timestamp(ts)" in plain and "ON CONFLICT" not in plain
-    assert "string_to_array(throttle, E'\\x1f')" in plain
-    ev = store.insert_select_sql("events", "e", store.EVENT_COLUMNS, returning="id")
+    assert store_sql.copy_sql("s", cols[:2]) == "COPY s (host, gpu_index) FROM STDIN (FORMAT BINARY)"
+    # Pre-encoded columns are dumped verbatim (bytea), the rest by psycopg's own dumpers.
+    assert store_sql.copy_types(cols[:4]) == ["text", "int4", "text", "bytea"]
+    assert store_sql.copy_types(cols)[-3:] == ["bytea"] * 3
+    staged = store_sql.INSERT_STAGED_TELEMETRY.decode()
+    assert staged.startswith("INSERT INTO telemetry (host, gpu_index,") and staged.endswith(
+        "ON CONFLICT DO NOTHING"
+    )
+    ev = store_sql.insert_select_sql("events", "e", store_sql.EVENT_COLUMNS, returning="id")
     assert ev.endswith("ON CONFLICT DO NOTHING RETURNING id") and "raw::jsonb" in ev
 
 
-def test_telemetry_columns_match_the_migration() -> None:
+def test_telemetry_columns_match_the_migrations() -> None:
+    """The COPY column order is the table's: 001's columns, then 006's additions."""
     sql = (store.MIGRATIONS_DIR / "001_telemetry.sql").read_text()
     body = sql[sql.index("CREATE TABLE telemetry") :]
     declared = re.findall(r"^\s{4}([a-z_0-9]+)\s+(?:text|integer|bigint|real|double|timestamptz)", body, re.M)
-    assert declared == [c.name for c in store.TELEMETRY_COLUMNS]
+    added = re.findall(
+        r"ADD COLUMN ([a-z_0-9]+) ", (store.MIGRATIONS_DIR / "006_telemetry_fast_ingest.sql").read_text()
+    )
+    assert declared + added == [c.name for c in store_sql.TELEMETRY_COLUMNS]
+
+
+def test_encode_ts_matches_postgres_to_timestamp() -> None:
+    # to_timestamp(float8) = rint((s - 946684800) * 1e6) microseconds since 2000.
+    for s in (946_684_800.0, 1_764_000_000.0, 1_764_000_000.1234565, 1_764_000_000.0000005, 0.5):
+        want = int(np.rint((s - 946_684_800.0) * 1e6))
+        assert store_sql.encode_ts(s) == struct.pack(">q", want)
+
+
+def test_array_encoding_is_postgres_binary_format() -> None:
+    assert store_sql.encode_text_array([]) == struct.pack(">iii", 0, 0, 25)
+    enc = store_sql.encode_text_array(["ab", None])
+    assert enc == struct.pack(">iiiii", 1, 1, 25, 2, 1) + struct.pack(">i", 2) + b"ab" + b"\xff\xff\xff\xff"
+    pids, names, mems = store_sql.encode_processes(
+        [Process(pid=9, mem_used_mib=1.5), Process(pid=3, name="x")]
+    )
+    assert pids == struct.pack(">iiiii", 1, 0, 20, 2, 1) + struct.pack(">iqiq", 8, 3, 8, 9)  # ordered by pid
+    assert names == struct.pack(">iiiii", 1, 1, 25, 2, 1) + struct.pack(">i", 1) + b"x" + b"\xff\xff\xff\xff"
+    assert mems.endswith(b"\xff\xff\xff\xff" + struct.pack(">if", 4, 1.5))
 
 
 def test_build_telemetry_batch_rows_inventory_and_dirty_buckets() -> None:
-    b = store.build_telemetry_batch([tel(1, 125.0), tel(0, 61.0), tel(2, 130.0, boot="c")])
-    assert len(b.rows) == 6 and len(b.rows[0]) == len(store.TELEMETRY_COLUMNS)
-    assert b.rows[0][:8] == ("h1", 0, "U0-1", 125.0, "b", 1, "active", "ok")
-    assert b.rows[0][19] == "a\x1fb" and b.rows[1][19] is None  # throttle joined for COPY
-    assert b.processes == [
-        (h, bt, s, 1, ts, 7, "py", None)
-        for h, bt, s, ts in [("h1", "b", 1, 125.0), ("h1", "b", 0, 61.0), ("h1", "c", 2, 130.0)]
-    ]
+    b = store_sql.build_telemetry_batch([tel(1, 125.0), tel(0, 61.0), tel(2, 130.0, boot="c")])
+    assert len(b.rows) == 6 and len(b.rows[0]) == len(store_sql.TELEMETRY_COLUMNS)
+    assert b.rows[0][:8] == ("h1", 0, "U0-1", store_sql.encode_ts(125.0), "b", 1, "active", "ok")
+    assert b.rows[0][19] == store_sql.encode_text_array(["a", "b"]) and b.rows[1][19] is None
+    assert b.rows[0][-3:] == (None, None, None)  # processes not reported
+    assert b.rows[1][-3:] == store_sql.encode_processes([Process(pid=7, name="py")])
+    assert b.processes == 3
     assert b.hosts == {"h1": [61.0, 130.0, "c"]}
     assert b.gpus[("h1", 0)] == ["U0-2", "N2", 81.0, 61.0, 130.0]  # latest name/uuid, last known memory
     assert b.dirty == {("h1", 0, 60), ("h1", 1, 60), ("h1", 0, 120), ("h1", 1, 120)}
     hosts, first, last, boots = b.host_params()
     assert (hosts, first, last, boots) == (["h1"], [61.0], [130.0], ["c"])
     assert b.dirty_params() == (["h1", "h1", "h1", "h1"], [0, 0, 1, 1], [60.0, 120.0, 60.0, 120.0])
-    assert store.build_telemetry_batch([]).rows == []
+    assert store_sql.build_telemetry_batch([]).rows == []
 
 
 def test_events_deduped_and_rowed() -> None:
     e1 = Event(v=1, host="h", ts=1.0, id="a", kind="wake")
     e2 = Event(v=1, host="h", ts=2.0, id="b", kind="sleep", gpus=[0, 1])
-    assert store.dedupe_events([e1, e2, e1]) == [e1, e2]
-    row = store.build_event_rows([e2])[0]
+    assert store_sql.dedupe_events([e1, e2, e1]) == [e1, e2]
+    row = store_sql.build_event_rows([e2])[0]
     assert row[:8] == ("b", "h", 2.0, "sleep", None, [0, 1], None, None)
     assert '"kind":"sleep"' in str(row[8])
 
@@ -129,7 +157,8 @@ def test_export_and_retention_sql() -> None:
     assert some.count("%s") == 4 and "FORMAT csv, HEADER true" in some
     sql = history.retention_delete_sql("telemetry", "ts")
     assert sql.startswith("DELETE FROM telemetry WHERE ctid = ANY(ARRAY(SELECT ctid FROM telemetry")
-    assert {t for t, _, _ in history.RETENTION_TABLES} >= {"telemetry", "telemetry_1m", "gpu_processes"}
+    tables = {t for t, _, _ in history.RETENTION_TABLES}
+    assert tables >= {"telemetry", "telemetry_1m", "events"} and "gpu_processes" not in tables  # a view
 
 
 def test_stream_names_follow_the_prefix() -> None:
