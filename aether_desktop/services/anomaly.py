@@ -480,21 +480,16 @@ def ensure_model(store: ModelStore, progress: Progress = _noop) -> AnomalyModel:
 HISTORY_SQL = """
 SELECT t.host, extract(epoch FROM t.ts)::float8, t.boot, t.seq, t.host_state, t.gpu_index, t.gpu_uuid,
        coalesce(g.name, 'unknown'), t.state, t.temp_c, t.mem_used_mib, t.mem_total_mib, t.util_pct, t.power_w,
-       t.power_limit_w, t.sm_clock_mhz, t.ecc_dbe, t.xid, t.slowdown_temp_c, p.pids, p.mems
+       t.power_limit_w, t.sm_clock_mhz, t.ecc_dbe, t.xid, t.slowdown_temp_c, t.proc_pid, t.proc_mem_mib
 FROM telemetry t
 LEFT JOIN gpus g ON g.host = t.host AND g.gpu_index = t.gpu_index
-LEFT JOIN LATERAL (
-    SELECT array_agg(q.pid ORDER BY q.pid) AS pids, array_agg(q.mem_used_mib ORDER BY q.pid) AS mems
-    FROM gpu_processes q
-    WHERE q.host = t.host AND q.boot = t.boot AND q.seq = t.seq AND q.gpu_index = t.gpu_index
-) p ON true
 WHERE t.ts >= to_timestamp(%s) AND t.ts < to_timestamp(%s)
 ORDER BY t.ts, t.host, t.gpu_index
 """
 
 
 async def load_history_ticks(pool: Any, start: float, end: float) -> list[list[Telemetry]]:
-    """Stored telemetry (tables of migrations 001-004) rebuilt into per-second ticks of messages."""
+    """Stored telemetry (processes as the arrays of migration 006) rebuilt into per-second ticks of messages."""
     from aether_protocol import GpuSample, Process
 
     async with pool.connection() as conn, conn.cursor() as cur:

@@ -218,8 +218,11 @@ class Dispatcher:
                 # E.g. the schema is not migrated yet: report it, keep the loop alive.
                 log.error("dispatcher: database error: %s", exc)
             self._wake.clear()
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancel that
+            # lands as the wait completes (a submit's wake during stop()), and stop() then hangs.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._interval_s)
+                async with asyncio.timeout(self._interval_s):
+                    await self._wake.wait()
 
     # ----------------------------------------------------------------- the lock
 
@@ -240,9 +243,11 @@ class Dispatcher:
             conn = self._lock_conn
             if self._active:
                 # Still ours? A hung connection must not leave two dispatchers, hence the timeout.
-                await asyncio.wait_for(conn.execute("SELECT 1"), 5.0)
+                async with asyncio.timeout(5.0):
+                    await conn.execute("SELECT 1")
                 return True
-            cur = await asyncio.wait_for(conn.execute("SELECT pg_try_advisory_lock(%s)", (self._key,)), 5.0)
+            async with asyncio.timeout(5.0):
+                cur = await conn.execute("SELECT pg_try_advisory_lock(%s)", (self._key,))
             row = await cur.fetchone()
             got = bool(row and row[0])
         except (psycopg.OperationalError, TimeoutError) as exc:

@@ -463,7 +463,9 @@ def model_summary(meta: dict[str, Any]) -> str:
 
     fleet = int(meta.get("fleet_rows") or 0)
     jobs = meta.get("fleet_jobs")
-    from_fleet = f"{fleet:,} from {jobs:,} fleet jobs" if isinstance(jobs, int) else f"{fleet:,} from the fleet"
+    from_fleet = (
+        f"{fleet:,} from {jobs:,} fleet jobs" if isinstance(jobs, int) else f"{fleet:,} from the fleet"
+    )
     rows = int(meta.get("training_rows") or 0) + int(meta.get("validation_rows") or 0)
     return (
         f"Placement model {version}, trained {str(meta.get('created', '?')).replace('T', ' ')}: "

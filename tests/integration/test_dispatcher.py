@@ -447,7 +447,9 @@ async def test_jobs_on_a_host_that_stops_reporting_become_lost(
     for job_id, was in (("j-run", "running"), ("j-sent", "dispatched")):
         rec = await state(repo, job_id)
         assert rec.state == "lost" and rec.ended_ts == T0 + 41
-        assert rec.reason == f"host node-1 stopped reporting: no telemetry for over 30 s while the job was {was}"
+        assert (
+            rec.reason == f"host node-1 stopped reporting: no telemetry for over 30 s while the job was {was}"
+        )
     await d.stop()
     await standby.stop()
 
@@ -457,7 +459,9 @@ async def test_a_host_back_within_the_grace_keeps_its_jobs(
 ) -> None:
     clock = Clock()
     online = {"node-1": True}
-    d = make(repo, pg_dsn, bus, [gpu("node-1", 0)], clock=clock, host_online=online.__getitem__, host_grace_s=30.0)
+    d = make(
+        repo, pg_dsn, bus, [gpu("node-1", 0)], clock=clock, host_online=online.__getitem__, host_grace_s=30.0
+    )
     await repo.submit(req("j1"))
     assert await d.try_acquire()
     await d.tick()
@@ -520,7 +524,12 @@ async def test_placements_become_training_data_and_the_live_scheduler_switches_m
     from aether_desktop.services.job_placements import PlacementStore
     from aether_desktop.services.placement_retrain import PlacementRetrainer, RetrainPolicy, placement_rows
     from aether_desktop.services.scheduler import Scheduler
-    from aether_desktop.services.scheduler_model import FEATURE_NAMES, ModelStore, generate_training_data, train
+    from aether_desktop.services.scheduler_model import (
+        FEATURE_NAMES,
+        ModelStore,
+        generate_training_data,
+        train,
+    )
 
     models = ModelStore(tmp_path)
     model = models.save(train(generate_training_data(n_jobs=400, seed=0, fleets=1), rounds=10))
@@ -535,9 +544,13 @@ async def test_placements_become_training_data_and_the_live_scheduler_switches_m
     events = []
     for i in range(4):
         rec = await state(repo, f"j{i}")
-        assert rec.state == "dispatched" and rec.decision is not None and rec.decision["model_version"] == "v1"
+        assert (
+            rec.state == "dispatched" and rec.decision is not None and rec.decision["model_version"] == "v1"
+        )
         g = rec.gpus[0]
-        events.append(Event(v=1, host="node-1", ts=T0 + 5, id=f"s{i}", kind="job_started", job_id=f"j{i}", gpus=[g]))
+        events.append(
+            Event(v=1, host="node-1", ts=T0 + 5, id=f"s{i}", kind="job_started", job_id=f"j{i}", gpus=[g])
+        )
         end = (Event(v=1, host="node-1", ts=T0 + 125, id=f"f{i}", kind="job_finished", job_id=f"j{i}", exit_code=0)
                if i else Event(v=1, host="node-1", ts=T0 + 50, id=f"f{i}", kind="job_failed", job_id=f"j{i}",
                                exit_code=1, detail=f"CUDA out of memory: tried to allocate 9 MiB on GPU {g}"))  # fmt: skip
@@ -564,3 +577,20 @@ async def test_placements_become_training_data_and_the_live_scheduler_switches_m
     after = await state(repo, "after")
     assert after.decision is not None and after.decision["model_version"] == "v2"
     await d.stop()
+
+
+async def test_stop_right_after_a_wake_does_not_hang(repo: JobRepository, pg_dsn: str, bus: Bus) -> None:
+    # A submit's wake() and stop() in the same loop turn: on Python 3.11 wait_for swallowed the cancel.
+    d = make(repo, pg_dsn, bus, [], interval_s=30.0)
+    d.start()
+
+    async def active() -> bool:
+        return d.active
+
+    await until(active)
+    await asyncio.sleep(0.2)  # into the idle wait
+    d.wake()
+    t0 = asyncio.get_running_loop().time()
+    async with asyncio.timeout(10):
+        await d.stop()
+    assert asyncio.get_running_loop().time() - t0 < 5 and not d.active

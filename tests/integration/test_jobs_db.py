@@ -358,7 +358,9 @@ async def test_placement_rows_are_stored_with_the_dispatch_and_read_back_with_th
     assert (ok.state, ok.gpus, ok.expected_s, ok.names) == ("finished", (0,), 100.0, ("temp_c", "gpu_model"))
     assert ok.features[0, 0] == 40.0 and np.isnan(ok.features[0, 1])
     assert (ok.started_ts, ok.ended_ts, ok.expected_slowdown) == (T0 + 10, T0 + 130, 1.05)
-    assert oom.state == "failed" and oom.reason == "CUDA out of memory on GPU 2" and oom.features.shape == (2, 2)
+    assert (
+        oom.state == "failed" and oom.reason == "CUDA out of memory on GPU 2" and oom.features.shape == (2, 2)
+    )
     assert await store.count_ended_since(T0) == 2 and await store.count_ended_since(T0 + 20) == 1
     ex = fleet_examples(list(got.values()), ("temp_c", "gpu_model"))
     assert sorted(ex.success.tolist()) == [0.0, 1.0] and ex.slowdown.max() == pytest.approx(1.2)
@@ -368,9 +370,15 @@ async def test_mark_lost_from_running_only_when_asked(repo: JobRepository) -> No
     await _dispatched(repo, "j1")
     await _apply(repo, _event("job_started", "j1", "e1", T0 + 2))
     assert not await repo.mark_lost("j1", "start timeout", T0 + 3)  # running: the default leaves it alone
-    assert await repo.mark_lost("j1", "host node-1 stopped reporting", T0 + 4, only_from=("dispatched", "running"))
+    assert await repo.mark_lost(
+        "j1", "host node-1 stopped reporting", T0 + 4, only_from=("dispatched", "running")
+    )
     rec = await repo.get("j1")
-    assert rec is not None and (rec.state, rec.reason, rec.ended_ts) == ("lost", "host node-1 stopped reporting", T0 + 4)
+    assert rec is not None and (rec.state, rec.reason, rec.ended_ts) == (
+        "lost",
+        "host node-1 stopped reporting",
+        T0 + 4,
+    )
     # The host comes back and reports the job finished: lost stays lost.
     await _apply(repo, _event("job_finished", "j1", "e2", T0 + 5, exit_code=0))
     assert (await repo.get("j1")).state == "lost"  # type: ignore[union-attr]

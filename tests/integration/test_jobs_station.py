@@ -7,6 +7,7 @@ table, exactly as in production; liveness comes from the station's own fleet vie
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,7 +31,9 @@ pytestmark = pytest.mark.integration
 async def until(pred: Callable[[], Any], timeout: float = 60.0, what: str = "condition") -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        got = await pred() if asyncio.iscoroutinefunction(pred) else pred()
+        got = pred()
+        if inspect.isawaitable(got):
+            got = await got
         if got:
             return got
         await asyncio.sleep(0.2)
@@ -58,7 +61,9 @@ async def test_a_job_runs_finishes_trains_the_model_and_a_dead_host_loses_its_jo
                         "--allow-cmd", "python", "--job-log-dir", str(tmp_path / "jobs"),
                         log=tmp_path / "agent.log")  # fmt: skip
     try:
-        await until(lambda: jobs.retrainer is not None and station.fleet.n_slots == 2, what="station and agent up")
+        await until(
+            lambda: jobs.retrainer is not None and station.fleet.n_slots == 2, what="station and agent up"
+        )
         jobs.retrainer.policy = RetrainPolicy(sim_jobs=400)
         assert [m["version"] for m in models] == [1]
 
@@ -70,7 +75,9 @@ async def test_a_job_runs_finishes_trains_the_model_and_a_dead_host_loses_its_jo
 
         rec = await until(lambda: ended("j-ok"), what="j-ok ends")
         assert rec.state == "finished" and rec.host == "sim-01" and rec.exit_code == 0
-        assert rec.started_ts is not None and rec.ended_ts is not None and rec.ended_ts - rec.started_ts >= 1.5
+        assert (
+            rec.started_ts is not None and rec.ended_ts is not None and rec.ended_ts - rec.started_ts >= 1.5
+        )
         assert rec.decision is not None and rec.decision["reason"].startswith("placed on sim-01")
 
         # The operator's button: the finished job is training data for version 2, used at once.

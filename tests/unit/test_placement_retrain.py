@@ -37,7 +37,9 @@ NAMES = tuple(FEATURE_NAMES)
 T0 = 1_764_000_000.0
 
 
-def outcome(state: str, reason: str | None = None, gpus: tuple[int, ...] = (0,), **kw: object) -> PlacementOutcome:
+def outcome(
+    state: str, reason: str | None = None, gpus: tuple[int, ...] = (0,), **kw: object
+) -> PlacementOutcome:
     feats = np.arange(len(gpus) * len(NAMES), dtype=np.float64).reshape(len(gpus), len(NAMES))
     base: dict[str, object] = {
         "job_id": "j", "state": state, "reason": reason, "gpus": gpus, "names": NAMES, "features": feats,
@@ -65,7 +67,9 @@ def test_finished_job_is_success_with_its_slowdown() -> None:
     assert got is not None
     x, ok, slow = got
     assert x.shape == (2, len(NAMES)) and x.dtype == np.float32
-    assert ok.tolist() == [1.0, 1.0] and slow.tolist() == pytest.approx([1.2, 1.2])  # 120 s wall / 100 s expected
+    assert ok.tolist() == [1.0, 1.0] and slow.tolist() == pytest.approx(
+        [1.2, 1.2]
+    )  # 120 s wall / 100 s expected
 
 
 def test_slowdown_is_clipped_and_falls_back_to_the_estimate() -> None:
@@ -77,7 +81,9 @@ def test_slowdown_is_clipped_and_falls_back_to_the_estimate() -> None:
 
 
 def test_oom_on_a_named_gpu_labels_only_that_gpu() -> None:
-    got = outcome_examples(outcome("failed", "CUDA out of memory: tried to allocate 1 MiB on GPU 5", gpus=(2, 5)))
+    got = outcome_examples(
+        outcome("failed", "CUDA out of memory: tried to allocate 1 MiB on GPU 5", gpus=(2, 5))
+    )
     assert got is not None
     x, ok, _ = got
     assert ok.tolist() == [0.0] and x[0, 0] == len(NAMES)  # the second row: GPU 5's

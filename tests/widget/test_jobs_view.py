@@ -231,3 +231,129 @@ async def test_bridge_loads_acts_and_coalesces(qtbot: QtBot) -> None:
     bridge.set_dispatcher_active(True)
     assert bridge.dispatching and notices[-1] == ("info", "this station dispatches jobs")
     bridge.close()
+
+
+# --------------------------------------------------------------------------- placement model
+
+
+META = {
+    "version": 4, "created": "2026-11-27T10:00:00Z", "training_rows": 4000, "validation_rows": 1000,
+    "fleet_rows": 120, "fleet_jobs": 80, "validation": {"auc": 0.9812, "accuracy": 0.954, "slowdown_mae": 0.031},
+}  # fmt: skip
+
+
+class FakeModel:
+    def __init__(self) -> None:
+        self.meta: dict[str, object] | None = None
+        self.status = ""
+        self.busy = False
+        self.listeners: list[Callable[[], None]] = []
+        self.pending: list[Done] = []
+
+    def model_summary(self) -> str | None:
+        from aether_desktop.services.scheduler_model import model_summary
+
+        return None if self.meta is None else model_summary(self.meta)
+
+    def model_status(self) -> str:
+        return self.status
+
+    def retraining(self) -> bool:
+        return self.busy
+
+    def can_retrain(self) -> bool:
+        return True
+
+    def add_model_listener(self, fn: Callable[[], None]) -> None:
+        self.listeners.append(fn)
+
+    def remove_model_listener(self, fn: Callable[[], None]) -> None:
+        self.listeners.remove(fn)
+
+    def retrain_model(self, done: Done) -> None:
+        self.busy = True
+        self.status = "retraining the placement model on 120 fleet rows…"
+        self.pending.append(done)
+
+    def changed(self) -> None:
+        for fn in self.listeners:
+            fn()
+
+
+def test_model_line_shows_version_and_figures_and_the_button_retrains(qtbot: QtBot) -> None:
+    model = FakeModel()
+    view = JobsView(FakeSource(jobs()), model=model)
+    qtbot.addWidget(view)
+    assert "not loaded yet" in view.model_label.text() and not view.retrain_button.isEnabled()
+    model.meta = META
+    model.changed()
+    text = view.model_label.text()
+    for part in (
+        "v4",
+        "AUC 0.981",
+        "accuracy 95.4 %",
+        "slowdown MAE 0.031",
+        "120 from 80 fleet jobs",
+        "2026-11-27",
+    ):
+        assert part in text, part
+    assert view.retrain_button.isEnabled()
+
+    qtbot.mouseClick(view.retrain_button, Qt.MouseButton.LeftButton)
+    assert len(model.pending) == 1 and not view.retrain_button.isEnabled()
+    assert view.retrain_button.text() == "Retraining…" and "120 fleet rows" in view.model_label.text()
+    model.busy, model.status, model.meta = False, "", {**META, "version": 5}
+    model.pending[0](True, "Placement model v5 …")
+    assert "v5" in view.model_label.text() and view.retrain_button.isEnabled()
+    assert view.message.text() == "Placement model v5 …"
+
+
+def test_without_a_model_source_the_model_line_is_hidden(qtbot: QtBot) -> None:
+    view = make(qtbot, FakeSource(jobs()))
+    assert view.model_label.isHidden() and view.retrain_button.isHidden()
+
+
+async def test_bridge_retrain_reports_progress_and_the_new_model(qtbot: QtBot) -> None:
+    gate = asyncio.Event()
+    bridge: JobsBridge
+
+    async def retrain() -> str:
+        bridge.set_retrain_progress("info", "retraining the placement model on 3 fleet rows…")
+        await gate.wait()
+        bridge.set_model_info({**META, "version": 5})
+        bridge.set_retrain_progress("ok", "Placement model v5 ready")
+        return "Placement model v5 ready"
+
+    async def nothing(*_: object) -> list[JobRecord]:
+        return []
+
+    bridge = JobsBridge(list_jobs=nothing, submit=nothing, cancel=nothing, resubmit=nothing,  # type: ignore[arg-type]
+                        fetch_log=nothing, retrain_model=retrain)  # type: ignore[arg-type]  # fmt: skip
+    view = JobsView(bridge, model=bridge)
+    qtbot.addWidget(view)
+    notices: list[tuple[str, str]] = []
+    bridge.notice.connect(lambda level, text: notices.append((level, text)))
+    bridge.set_model_info(META)
+    assert "v4" in view.model_label.text()
+    results: list[tuple[bool, str]] = []
+    bridge.retrain_model(lambda ok, text: results.append((ok, text)))
+    for _ in range(100):
+        if bridge.model_status():
+            break
+        await asyncio.sleep(0.01)
+    assert (
+        bridge.retraining()
+        and not view.retrain_button.isEnabled()
+        and "3 fleet rows" in view.model_label.text()
+    )
+    bridge.retrain_model(lambda ok, text: results.append((ok, text)))  # a second click while busy
+    assert results == [(False, "the placement model is already being retrained")]
+    gate.set()
+    for _ in range(100):
+        if len(results) == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert results[1] == (True, "Placement model v5 ready")
+    assert "v5" in view.model_label.text() and view.retrain_button.isEnabled()
+    assert notices == [("ok", "Placement model v5 ready")]
+    bridge.close()
