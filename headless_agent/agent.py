@@ -135,7 +135,8 @@ class Agent:
                 next_t = time.monotonic()
                 delay = 0
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), max(0.0, delay))
+                async with asyncio.timeout(max(0.0, delay)):
+                    await self._stop.wait()
 
     def _publish_telemetry(self, samples: list[GpuSample], now: float) -> None:
         self._track_gpu_events(samples)
@@ -186,7 +187,8 @@ class Agent:
                 log.warning("cannot reach NATS at %s (%s); retrying in %.0f s",
                             self.config.nats.describe(), exc or type(exc).__name__, delay)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), delay)
+                    async with asyncio.timeout(delay):
+                        await self._stop.wait()
                 delay = min(delay * 2, 10.0)
                 continue
             log.info("connected to NATS %s as host %r", self.config.nats.describe(), self.config.host)

@@ -66,8 +66,11 @@ class Outbox:
         self._wake.set()
 
     async def wait(self, timeout: float) -> None:
+        # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that races the wake-up,
+        # and then a sender being shut down would never stop.
         try:
-            await asyncio.wait_for(self._wake.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._wake.wait()
         except TimeoutError:
             return
         finally:
