@@ -74,6 +74,20 @@ def job_environment(job: JobSpec, base: dict[str, str] | None = None) -> dict[st
     return env
 
 
+# What frameworks print when a GPU runs out of memory (PyTorch, TensorFlow, JAX/XLA, plain CUDA).
+_OOM_MARKERS = ("CUDA out of memory", "OutOfMemoryError", "RESOURCE_EXHAUSTED", "CUDA_ERROR_OUT_OF_MEMORY",
+                "cudaErrorMemoryAllocation")
+
+
+def failure_detail(exit_code: int | None, log_tail: str) -> str:
+    """Why a job failed, in words the scheduler learns from (pure; reads the end of the job's log)."""
+    if any(m in log_tail for m in _OOM_MARKERS):
+        return f"CUDA out of memory (exit code {exit_code})"
+    if exit_code is not None and exit_code < 0:
+        return f"killed by signal {-exit_code}"
+    return f"exit code {exit_code}"
+
+
 @dataclass
 class _Running:
     job: JobSpec
@@ -132,8 +146,17 @@ class ProcessJobRunner:
         elif code == 0:
             kind, detail = "job_finished", None
         else:
-            kind, detail = "job_failed", f"exit code {code}"
+            kind, detail = "job_failed", failure_detail(code, self._tail_bytes(run.log_path))
         self._done.append(JobOutcome(run.job.id, tuple(run.job.gpus), kind, code, detail))
+
+    @staticmethod
+    def _tail_bytes(path: Path, n: int = 65536) -> str:
+        try:
+            with open(path, "rb") as fh:
+                fh.seek(max(0, path.stat().st_size - n))
+                return fh.read().decode("utf-8", errors="replace")
+        except OSError:
+            return ""
 
     def poll(self) -> list[JobOutcome]:
         done, self._done = self._done, []

@@ -220,3 +220,12 @@ def test_connection_options() -> None:
     assert kw["max_reconnect_attempts"] == -1 and kw["user"] == "u" and kw["ping_interval"] <= 10
     assert NatsSettings(servers=("nats://u:secret@h:1",)).describe() == "nats://h:1"
     assert encode  # imported for completeness of the public surface
+
+
+def test_failure_detail_recognises_out_of_memory() -> None:
+    from headless_agent.jobs import failure_detail
+
+    assert failure_detail(1, "...\ntorch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB") == (
+        "CUDA out of memory (exit code 1)")
+    assert failure_detail(-9, "") == "killed by signal 9"
+    assert failure_detail(3, "ValueError") == "exit code 3"
