@@ -12,7 +12,7 @@ reason.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import msgspec
 
@@ -40,20 +40,6 @@ THROTTLE_REASONS = (
     "sync_boost",
     "app_clocks",
 )
-EVENT_KINDS = (
-    "job_started",
-    "job_finished",
-    "job_failed",
-    "job_cancelled",
-    "job_rejected",
-    "gpu_lost",
-    "gpu_recovered",
-    "xid",
-    "sleep",
-    "wake",
-    "agent_started",
-    "agent_stopping",
-)
 EventKind = Literal[
     "job_started",
     "job_finished",
@@ -68,6 +54,9 @@ EventKind = Literal[
     "agent_started",
     "agent_stopping",
 ]
+
+
+EVENT_KINDS: tuple[str, ...] = get_args(EventKind)
 
 
 class ProtocolError(ValueError):

@@ -21,25 +21,12 @@ import numpy as np
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
+from aether_desktop.services.store_sql import REAL_METRICS
+
 log = logging.getLogger(__name__)
 
 # Numeric per-GPU metrics (protocol field names) a plot or export can ask for.
-METRICS: tuple[str, ...] = (
-    "temp_c",
-    "mem_used_mib",
-    "mem_total_mib",
-    "util_pct",
-    "mem_util_pct",
-    "power_w",
-    "power_limit_w",
-    "sm_clock_mhz",
-    "mem_clock_mhz",
-    "fan_pct",
-    "energy_j",
-    "ecc_dbe",
-    "xid",
-    "slowdown_temp_c",
-)
+METRICS: tuple[str, ...] = (*REAL_METRICS, "energy_j", "ecc_dbe", "xid", "slowdown_temp_c")
 MIN_MAX_METRICS = ("temp_c", "mem_used_mib", "util_pct", "power_w")
 
 # Beyond this span (or this many raw rows, assuming 1 Hz sampling) a fetch
