@@ -12,6 +12,7 @@ import datetime as dt
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PySide6.QtCore import Qt, QTimer, Signal
@@ -84,6 +85,7 @@ class MainWindow(QMainWindow):
         super().__init__(parent)
         self._state = state
         self._commands = commands
+        self._history = history
         self._tasks = TaskSet()
         self._selected: list[Key] = []
         self.setWindowTitle("Aether — GPU fleet")
@@ -345,12 +347,27 @@ class MainWindow(QMainWindow):
         dlg.open()
 
     def _on_export_path(self, path: str) -> None:
+        exporter = getattr(self._history, "export_csv", None)
+        if exporter is not None and not self.plots.is_live:
+            # A history range: every metric at full resolution from the database, not the decimated plot.
+            start, end = self.plots.time_range()
+            self._tasks.spawn(self._export_from_db(exporter, list(self.plots.keys), start, end, path))
+            return
         try:
             n = write_history_csv(path, self.plots.current_data())
         except OSError as exc:
             self._state.post_notice("error", f"Export failed: {exc}")
             return
         self._state.post_notice("ok", f"Exported {n:,} rows to {path}")
+
+    async def _export_from_db(self, exporter: Any, keys: list[Key], start: float, end: float, path: str) -> None:
+        self._state.post_notice("info", f"Exporting {len(keys)} GPU(s) from the database…")
+        try:
+            n = await exporter(keys, start, end, Path(path))
+        except Exception as exc:  # database down, disk full: say so, keep running
+            self._state.post_notice("error", f"Export failed: {exc}")
+            return
+        self._state.post_notice("ok", f"Exported {n:,} samples (every metric, full resolution) to {path}")
 
     def _on_about_triggered(self) -> None:
         box = QMessageBox(self)
