@@ -18,6 +18,8 @@ SUBCOMMANDS = {
     "replay": "aether_desktop.cli.replay",
     "submit": "aether_desktop.cli.submit",
     "connect-info": "aether_desktop.cli.connect_info",
+    # The agent inside the station's install (and inside the frozen app, where `python -m` does not exist).
+    "agent": "headless_agent.cli",
 }
 
 
@@ -48,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in SUBCOMMANDS:
         module = importlib.import_module(SUBCOMMANDS[argv[0]])
-        return int(module.main(argv[1:]))
+        return int(module.main(argv[1:]) or 0)
     args = build_parser().parse_args(argv)
     try:
         cfg = from_args(args, dict(os.environ))

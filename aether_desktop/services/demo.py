@@ -38,7 +38,9 @@ def plan(n_hosts: int, gpus: int, seed: int, models: Sequence[str] = DEMO_MODELS
 
 def agent_argv(h: DemoHost, servers: Sequence[str], prefix: str, log_dir: Path,
                faults: Sequence[str] = ()) -> list[str]:
-    argv = [sys.executable, "-m", "headless_agent", "--simulate", str(h.gpus), "--model", h.model,
+    # A frozen (PyInstaller) app has no `python -m`: it runs its own `agent` subcommand instead.
+    launcher = [sys.executable, "agent"] if getattr(sys, "frozen", False) else [sys.executable, "-m", "headless_agent"]
+    argv = [*launcher, "--simulate", str(h.gpus), "--model", h.model,
             "--seed", str(h.seed), "--host-id", h.host, "--subject-prefix", prefix,
             "--allow-jobs", "--job-log-dir", str(log_dir), "--log-level", "WARNING"]
     for cmd in DEMO_ALLOWED:
