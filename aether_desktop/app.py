@@ -85,12 +85,29 @@ def run_headless(cfg: StationConfig) -> int:
         wire_services(station)
         try:
             await station.start()
+            station.spawn(_log_summary(station), "summary")
             await stop.wait()
         finally:
             await station.stop()
 
     asyncio.run(runner())
     return 0
+
+
+async def _log_summary(station: object, every_s: float = 60.0) -> None:
+    """Headless: one line a minute so a server log shows the fleet is alive."""
+    import time
+
+    log = logging.getLogger("aether.station")
+    while True:
+        await asyncio.sleep(every_s)
+        fleet = station.fleet  # type: ignore[attr-defined]
+        now = time.time()
+        msgs, samples = fleet.rates(now)
+        bus = station.bus  # type: ignore[attr-defined]
+        rejected = bus.telemetry_rejects.total + bus.event_rejects.total if bus else 0
+        log.info("fleet: %d/%d hosts online, %d GPUs, %.0f msgs/s, %.0f GPU samples/s, %d rejected",
+                 fleet.hosts_online(now), fleet.n_hosts, fleet.n_slots, msgs, samples, rejected)
 
 
 if __name__ == "__main__":
