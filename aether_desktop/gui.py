@@ -107,6 +107,7 @@ def run_gui(cfg: StationConfig) -> int:
     wire_gui(station, state, window, app, closing, services)
     window.start_demo_requested.connect(lambda: _start_demo(station, state))
     app.aboutToQuit.connect(closing.set)
+    _stop_on_signals(closing)
     app.lastWindowClosed.connect(closing.set)
     window.show()
 
@@ -124,6 +125,21 @@ def run_gui(cfg: StationConfig) -> int:
     with loop:
         loop.run_until_complete(main())
     return 0
+
+
+def _stop_on_signals(closing: asyncio.Event) -> None:
+    """SIGTERM/SIGINT (logout, kill, Ctrl-C) shut down like Quit: demo agents and embedded servers stop too.
+
+    Python runs signal handlers only when it has control; the window's 10 Hz frame timer gives it that.
+    """
+    import signal
+
+    def handler(signum: int, _frame: object) -> None:
+        log.info("signal %d: shutting down", signum)
+        closing.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handler)
 
 
 def _start_demo(station: Station, state: Any) -> None:
