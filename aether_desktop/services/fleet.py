@@ -8,18 +8,23 @@ can hold row numbers and index arrays with them.
 Clock: ``received_at`` and every ``now`` argument are wall-clock epoch seconds
 (``time.time()``), the same clock as the messages' ``ts``, because the ring is
 placed by sample time and the views align it to ``now``.
+
+Per-host bookkeeping, liveness and the rate meter live in
+:mod:`aether_desktop.services.fleet_hosts` (``HostInfo`` is re-exported here).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import chain
 from operator import attrgetter
 
 import numpy as np
 
+from aether_desktop.services.fleet_hosts import HostInfo as HostInfo
+from aether_desktop.services.fleet_hosts import HostTable, RateMeter, grow
 from aether_protocol.messages import GpuSample, Telemetry
 
 Key = tuple[str, int]
@@ -66,31 +71,6 @@ _GET_STATE = attrgetter("state")
 _GET_PROCESSES = attrgetter("processes")
 
 
-@dataclass(slots=True)
-class HostInfo:
-    """What the station knows about one agent (mutable; owned by FleetState)."""
-
-    host: str
-    row: int  # index into the per-host arrays
-    boot: str = ""
-    last_seq: int = -1
-    last_ts: float = -math.inf  # newest sample time seen (sender's clock)
-    last_seen: float = -math.inf  # newest arrival (station's clock)
-    interval_s: float = 1.0
-    state: str = "active"
-    gpu_count: int = 0
-    messages: int = 0
-    samples: int = 0
-    seq_gaps: int = 0  # sequence numbers skipped and not (yet) filled by a replay
-    replayed: int = 0  # messages older than the newest one seen (agent buffer replays)
-    restarts: int = 0  # boot id changes
-    # Ingest caches: the GPU indices of the last message and their slot rows, and
-    # the (names, uuids, throttle) last written, so steady traffic skips per-GPU work.
-    layout: tuple[int, ...] = field(default=(), repr=False)
-    slot_rows: tuple[int, ...] = field(default=(), repr=False)
-    identity: object = field(default=None, repr=False)
-
-
 @dataclass(frozen=True, slots=True)
 class GpuRow:
     """A snapshot of one GPU for consumers that want objects (scheduler, dialogs), not arrays."""
@@ -120,8 +100,6 @@ class FleetState:
             raise ValueError("history_s must be at least 2")
         self.history_s = int(history_s)
         self.max_gpus = int(max_gpus)
-        self.offline_intervals = float(offline_intervals)
-        self.rate_window_s = max(1, int(rate_window_s))
         self.skew_tolerance_s = float(skew_tolerance_s)
         self.version = 0
 
@@ -143,23 +121,30 @@ class FleetState:
         self._slot_host = np.zeros(cap, dtype=np.int32)
         self._head_sec = -1  # newest second held by the ring; -1 = empty
 
-        self._hosts: dict[str, HostInfo] = {}
-        self._host_list: list[HostInfo] = []
-        self._host_seen = np.full(8, -np.inf, dtype=np.float64)
-        self._host_interval = np.ones(8, dtype=np.float64)
-        self._online_snapshot = np.zeros(0, dtype=bool)
-
-        # Rate meter: one bucket per arrival second, a few more than the window.
-        nb = self.rate_window_s + 2
-        self._rb_sec = [-1] * nb
-        self._rb_msgs = [0] * nb
-        self._rb_samples = [0] * nb
+        self._host_table = HostTable(offline_intervals)
+        self._rate = RateMeter(rate_window_s)
 
         self.messages_total = 0
         self.samples_total = 0
         self.dropped_gpus = 0  # samples of GPUs beyond max_gpus
         self.too_old = 0  # samples older than the ring window (kept out of history)
         self.rejected: dict[str, int] = {}
+
+    @property
+    def offline_intervals(self) -> float:
+        return self._host_table.offline_intervals
+
+    @offline_intervals.setter
+    def offline_intervals(self, value: float) -> None:
+        self._host_table.offline_intervals = float(value)
+
+    @property
+    def rate_window_s(self) -> int:
+        return self._rate.window_s
+
+    @rate_window_s.setter
+    def rate_window_s(self, value: int) -> None:
+        self._rate.window_s = value
 
     # ------------------------------------------------------------------ ingest
 
@@ -184,7 +169,8 @@ class FleetState:
 
     def _ingest_run(self, msgs: Sequence[Telemetry], start: int, received_at: float) -> int:
         """Ingest msgs[start:k] where k is the first repeat of a host; return k."""
-        hosts = self._hosts
+        table = self._host_table
+        hosts = table.by_name
         # A host whose clock runs far ahead must not push the shared ring forward
         # and wipe everyone's history; place its samples at arrival time instead.
         skew_limit = received_at + self.skew_tolerance_s
@@ -204,7 +190,7 @@ class FleetState:
             i += 1
             info = hosts.get(host)
             if info is None:
-                info = self._add_host(host)
+                info = table.add(host)
             ts = msg.ts
             mg = msg.gpus
             layout = tuple(map(_GET_INDEX, mg))
@@ -222,10 +208,13 @@ class FleetState:
             counts.append(k)
             tss.append(ts)
             secs.append(math.floor(ts if ts <= skew_limit else received_at))
-            self._update_host(info, msg, ts, received_at, k)
+            table.note_message(info, msg, ts, received_at, k)
         if rows:
             self._write(rows, gpus, counts, tss, secs)
-        self._count_rate(received_at, i - start, len(rows))
+        taken, n_samples = i - start, len(rows)
+        self._rate.count(received_at, taken, n_samples)
+        self.messages_total += taken
+        self.samples_total += n_samples
         return i
 
     def _resolve_rows(
@@ -327,49 +316,6 @@ class FleetState:
     def rejected_total(self) -> int:
         return sum(self.rejected.values())
 
-    def _update_host(self, info: HostInfo, msg: Telemetry, ts: float, received_at: float, n: int) -> None:
-        info.messages += 1
-        info.samples += n
-        if received_at > info.last_seen:
-            info.last_seen = received_at
-            self._host_seen[info.row] = received_at
-        if msg.boot != info.boot:
-            if ts >= info.last_ts:
-                # A new boot restarts the sequence; the old boot's gaps are history.
-                if info.boot:
-                    info.restarts += 1
-                info.boot = msg.boot
-                info.last_seq = msg.seq
-            else:
-                info.replayed += 1
-        elif msg.seq > info.last_seq:
-            info.seq_gaps += msg.seq - info.last_seq - 1
-            info.last_seq = msg.seq
-        else:
-            # An older seq from this boot: a replay that fills one earlier gap.
-            info.replayed += 1
-            if info.seq_gaps > 0:
-                info.seq_gaps -= 1
-        if ts >= info.last_ts:
-            info.last_ts = ts
-            info.state = msg.state
-            info.gpu_count = len(msg.gpus)
-            if msg.interval_s:
-                info.interval_s = float(msg.interval_s)
-                self._host_interval[info.row] = info.interval_s
-
-    def _count_rate(self, received_at: float, msgs: int, samples: int) -> None:
-        sec = int(received_at)
-        i = sec % len(self._rb_sec)
-        if self._rb_sec[i] != sec:
-            self._rb_sec[i] = sec
-            self._rb_msgs[i] = 0
-            self._rb_samples[i] = 0
-        self._rb_msgs[i] += msgs
-        self._rb_samples[i] += samples
-        self.messages_total += msgs
-        self.samples_total += samples
-
     def _advance_ring(self, sec: int) -> None:
         """Make ``sec`` the ring's newest second if it is newer, clearing the columns it skips."""
         h = self.history_s
@@ -383,16 +329,6 @@ class FleetState:
                 cols = np.arange(head + 1, sec + 1) % h
                 self._ring[:, cols, :] = _NAN
             self._head_sec = sec
-
-    def _add_host(self, host: str) -> HostInfo:
-        row = len(self._host_list)
-        if row >= len(self._host_seen):
-            self._host_seen = _grow(self._host_seen, 2 * row, -np.inf)
-            self._host_interval = _grow(self._host_interval, 2 * row, 1.0)
-        info = HostInfo(host=host, row=row)
-        self._hosts[host] = info
-        self._host_list.append(info)
-        return info
 
     def _add_slot(self, key: Key, host_row: int) -> int:
         if self._n >= self.max_gpus:
@@ -414,10 +350,10 @@ class FleetState:
         ring = np.full((len(RING_METRICS), self.history_s, cap), np.nan, dtype=np.float32)
         ring[:, :, : self._cap] = self._ring
         self._ring = ring
-        self._latest = _grow(self._latest, cap, np.nan)
-        self._state = _grow(self._state, cap, 0)
-        self._slot_ts = _grow(self._slot_ts, cap, -np.inf)
-        self._slot_host = _grow(self._slot_host, cap, 0)
+        self._latest = grow(self._latest, cap, np.nan)
+        self._state = grow(self._state, cap, 0)
+        self._slot_ts = grow(self._slot_ts, cap, -np.inf)
+        self._slot_host = grow(self._slot_host, cap, 0)
         self._cap = cap
 
     # ------------------------------------------------------------------ slots
@@ -482,39 +418,30 @@ class FleetState:
     # ------------------------------------------------------------------ hosts
 
     def host(self, host: str) -> HostInfo | None:
-        return self._hosts.get(host)
+        return self._host_table.by_name.get(host)
 
     def hosts(self) -> list[HostInfo]:
-        return list(self._host_list)
+        return list(self._host_table.infos)
 
     @property
     def n_hosts(self) -> int:
-        return len(self._host_list)
+        return len(self._host_table.infos)
 
     def host_online(self, host: str, now: float) -> bool:
         """False once the host sent nothing for ``offline_intervals`` × its interval."""
-        info = self._hosts.get(host)
-        if info is None:
-            return False
-        return now - info.last_seen <= self.offline_intervals * info.interval_s
-
-    def _hosts_online_mask(self, now: float) -> np.ndarray:
-        nh = len(self._host_list)
-        return (now - self._host_seen[:nh]) <= self.offline_intervals * self._host_interval[:nh]
+        return self._host_table.online(host, now)
 
     def hosts_online(self, now: float) -> int:
-        return int(np.count_nonzero(self._hosts_online_mask(now)))
+        return int(np.count_nonzero(self._host_table.online_mask(now)))
 
     def online_mask(self, now: float) -> np.ndarray:
         """Per row: is the GPU's host still reporting?"""
-        return self._hosts_online_mask(now)[self._slot_host[: self._n]]
+        return self._host_table.online_mask(now)[self._slot_host[: self._n]]
 
     def poll(self, now: float) -> bool:
         """Bump ``version`` when a host went offline or came back; liveness is time-driven."""
-        mask = self._hosts_online_mask(now)
-        if mask.shape == self._online_snapshot.shape and np.array_equal(mask, self._online_snapshot):
+        if not self._host_table.changed(now):
             return False
-        self._online_snapshot = mask
         self.version += 1
         return True
 
@@ -565,17 +492,4 @@ class FleetState:
 
     def rates(self, now: float) -> tuple[float, float]:
         """(messages/s, GPU samples/s) over the last ``rate_window_s`` whole seconds before ``now``."""
-        cur = int(now)
-        lo = cur - self.rate_window_s
-        msgs = samples = 0
-        for sec, m, s in zip(self._rb_sec, self._rb_msgs, self._rb_samples, strict=True):
-            if lo <= sec < cur:
-                msgs += m
-                samples += s
-        return msgs / self.rate_window_s, samples / self.rate_window_s
-
-
-def _grow(arr: np.ndarray, n: int, fill: float) -> np.ndarray:
-    out = np.full((n, *arr.shape[1:]), fill, dtype=arr.dtype)
-    out[: len(arr)] = arr
-    return out
+        return self._rate.rates(now)

@@ -18,6 +18,9 @@ blocks, and the backlog stays in JetStream where :class:`IngestStatus` reports
 it as ``waiting``. Acks are explicit, one per message after commit: with
 AckPolicy.ALL a delivery lost in transit (a NATS restart) would be acked by a
 later batch's ack and never stored; it measured no faster here anyway.
+
+Stream and consumer setup and the status types live in
+:mod:`aether_desktop.services.ingest_streams` and are re-exported here.
 """
 
 from __future__ import annotations
@@ -27,19 +30,23 @@ import contextlib
 import gc
 import logging
 import time
-from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import nats.errors
-import nats.js.errors
 import psycopg
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
-from nats.js import api
 
 from aether_desktop.services.history import History
+from aether_desktop.services.ingest_streams import IngestStatus as IngestStatus
+from aether_desktop.services.ingest_streams import RejectCounter as RejectCounter
+from aether_desktop.services.ingest_streams import StatusCallback as StatusCallback
+from aether_desktop.services.ingest_streams import StreamSpec as StreamSpec
+from aether_desktop.services.ingest_streams import ensure_consumer as ensure_consumer
+from aether_desktop.services.ingest_streams import ensure_streams as ensure_streams
+from aether_desktop.services.ingest_streams import stream_specs as stream_specs
 from aether_desktop.services.pull_consumer import PullConsumer
 from aether_desktop.services.store import Store
 from aether_desktop.services.store_sql import PreparedBatch, TelemetryBatch, decode_into, prepare_batch
@@ -48,92 +55,6 @@ from aether_protocol.messages import Event, ProtocolError
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
-
-
-@dataclass(frozen=True)
-class IngestStatus:
-    db_ok: bool = True
-    nats_ok: bool = True
-    waiting: int = 0  # messages in the streams not yet stored (consumers' pending + unacked)
-    rows_written: int = 0  # GPU samples newly stored since start
-    events_written: int = 0
-    duplicates: int = 0  # samples/events skipped because already stored (redelivery, replay)
-    rejected: int = 0  # messages that broke the protocol (never stored)
-    last_error: str | None = None
-
-
-class RejectCounter:
-    """Rejected messages per reason (ProtocolError.reason, or ``db_refused``)."""
-
-    def __init__(self) -> None:
-        self._counts: Counter[str] = Counter()
-
-    def add(self, reason: str) -> None:
-        self._counts[reason] += 1
-
-    @property
-    def total(self) -> int:
-        return sum(self._counts.values())
-
-    def snapshot(self) -> dict[str, int]:
-        return dict(self._counts)
-
-
-StatusCallback = Callable[[IngestStatus], None]
-
-
-@dataclass(frozen=True)
-class StreamSpec:
-    kind: str  # "telemetry" | "events"
-    stream: str
-    subject: str
-
-
-def stream_specs(prefix: str) -> tuple[StreamSpec, StreamSpec]:
-    subjects.check_prefix(prefix)
-    return (
-        StreamSpec(
-            "telemetry",
-            subjects.stream_name(subjects.TELEMETRY_STREAM, prefix),
-            subjects.all_telemetry(prefix),
-        ),
-        StreamSpec(
-            "events", subjects.stream_name(subjects.EVENTS_STREAM, prefix), subjects.all_events(prefix)
-        ),
-    )
-
-
-async def ensure_streams(
-    js: Any,
-    prefix: str = subjects.DEFAULT_PREFIX,
-    *,
-    max_age_s: float = 86400.0,
-    duplicate_window_s: float = 120.0,
-) -> None:
-    """Create the two streams, or bring an existing one to this configuration (idempotent)."""
-    for spec in stream_specs(prefix):
-        config = api.StreamConfig(
-            name=spec.stream,
-            subjects=[spec.subject],
-            storage=api.StorageType.FILE,
-            # LIMITS (not work-queue) retention: live viewers and other stations'
-            # durables can read the same messages; max_age bounds the disk.
-            retention=api.RetentionPolicy.LIMITS,
-            max_age=max_age_s,
-            duplicate_window=duplicate_window_s,
-        )
-        try:
-            info = await js.stream_info(spec.stream)
-        except nats.js.errors.NotFoundError:
-            await js.add_stream(config)
-            continue
-        current = info.config
-        if (
-            current.subjects != config.subjects
-            or current.max_age != config.max_age
-            or current.duplicate_window != config.duplicate_window
-        ):
-            await js.update_stream(config)
 
 
 @contextlib.contextmanager
@@ -263,24 +184,9 @@ class JetStreamIngest:
         self._stop.clear()
         for spec in stream_specs(self._prefix):
             durable = f"{self._durable}-{spec.kind}"
-            config = api.ConsumerConfig(
-                durable_name=durable,
-                ack_policy=api.AckPolicy.EXPLICIT,
-                deliver_policy=api.DeliverPolicy.ALL,
-                ack_wait=self._ack_wait_s,
-                # Unlimited redeliveries: a message the database could not take
-                # yet must never be dropped by the server.
-                max_deliver=-1,
-                # Room for every batch in flight: prefetched, being decoded,
-                # queued, and one per writer.
-                max_ack_pending=self._batch * (3 + self._telemetry_writers),
-            )
-            try:
-                # An existing durable is used as it is (as pull_subscribe does).
-                await js.consumer_info(spec.stream, durable)
-            except nats.js.errors.NotFoundError:
-                config.filter_subject = spec.subject
-                await js.add_consumer(spec.stream, config)
+            # Room for every batch in flight: prefetched, being decoded, queued, and one per writer.
+            max_ack_pending = self._batch * (3 + self._telemetry_writers)
+            await ensure_consumer(js, spec, durable, ack_wait_s=self._ack_wait_s, max_ack_pending=max_ack_pending)
             consumer = PullConsumer(self._nc, spec.stream, durable)
             await consumer.subscribe()
             pipe = _Pipe(spec, consumer)
