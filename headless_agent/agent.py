@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import secrets
@@ -23,6 +24,8 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
+from nats.js.errors import NotFoundError as StreamNotFound
+from nats.js.errors import ServiceUnavailableError as JsUnavailable
 
 from aether_protocol import PROTOCOL_VERSION, Event, GpuSample, Telemetry, encode
 from aether_protocol import subjects as subj
@@ -30,11 +33,15 @@ from aether_protocol.connection import NatsSettings, connect_kwargs
 from headless_agent.backend import GpuBackend
 from headless_agent.commands import CommandHandler
 from headless_agent.jobs import JobPolicy, ProcessJobRunner
-from headless_agent.outbox import NotCaptured, Outbox, Outgoing, PublishFailed
+from headless_agent.outbox import NotCaptured, Outbox, Outgoing, PublishFailed, Undeliverable
 
 log = logging.getLogger("aether.agent")
 
 AGENT_VERSION = "0.1.0"
+STORED_RECHECK_S = 10.0  # how often the agent asks again whether a stream stores its subjects
+STORED_RETRY_S = 1.0  # sooner when the last answer was not an answer (timeout, JetStream busy)
+STOP_DRAIN_S = 3.0  # at stop, how long buffered messages may take to go out
+NATS_CLOSE_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -63,8 +70,12 @@ class Agent:
         # Whether a JetStream stream stores our subjects: then each publish waits for the stream's ack
         # (at-least-once); otherwise only live subscribers exist and a plain publish is all there is.
         self._stored: dict[str, bool] = {}
-        self._stored_checked = 0.0
+        self._stored_next: float | None = None  # monotonic time of the next check; None: check now
         self._event_n = 0
+        self._read_failures = 0
+        self._connector: asyncio.Future[None] | None = None
+        # Set by stop and by a reconnect: cuts a back-off wait short.
+        self._retry_now = asyncio.Event()
         simulated_jobs = hasattr(backend, "start_job")
         use_process = config.jobs_mode == "process" or (config.jobs_mode == "auto" and not simulated_jobs)
         runner = ProcessJobRunner(config.policy, backend.gpu_count()) if use_process else None
@@ -75,6 +86,7 @@ class Agent:
 
     def stop(self) -> None:
         self._stop.set()
+        self._retry_now.set()
 
     def info(self) -> dict[str, Any]:
         return {
@@ -106,12 +118,12 @@ class Agent:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.stop)
         self.emit("agent_started", detail=f"{self.backend.gpu_count()} GPU(s), boot {self.boot}")
-        connector = asyncio.ensure_future(self._connect_forever())
+        self._connector = asyncio.ensure_future(self._connect_forever())
         sender = asyncio.ensure_future(self._send_loop())
         try:
             await self._tick_loop()
         finally:
-            await self._shutdown(connector, sender)
+            await self._shutdown(sender)
 
     # ------------------------------------------------------------------ ticks
 
@@ -121,14 +133,13 @@ class Agent:
         next_t = time.monotonic()
         while not self._stop.is_set():
             now = time.time()
-            try:
-                samples = await loop.run_in_executor(None, self.backend.read, now)
-            except Exception:  # a backend bug must not kill the host's reporting
-                log.exception("reading the GPUs failed; retrying next tick")
-                samples = []
-            if samples:
+            samples = await self._read(loop, now)
+            if samples is not None:  # also with no GPU at all: the message is the host's heartbeat
                 self._publish_telemetry(samples, now)
-            self.commands.poll_jobs()
+            try:
+                self.commands.poll_jobs()
+            except Exception:  # a job runner or backend bug must not stop the ticks
+                log.exception("collecting finished jobs failed; retrying next tick")
             next_t += interval
             delay = next_t - time.monotonic()
             if delay < -interval:  # fell far behind (suspend, slow NVML): don't burst to catch up
@@ -137,6 +148,21 @@ class Agent:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max(0.0, delay)):
                     await self._stop.wait()
+
+    async def _read(self, loop: asyncio.AbstractEventLoop, now: float) -> list[GpuSample] | None:
+        """One backend read; None when it failed (logged in full once, then every 60th time)."""
+        try:
+            samples = await loop.run_in_executor(None, self.backend.read, now)
+        except Exception:  # a backend bug must not kill the host's reporting
+            self._read_failures += 1
+            if self._read_failures == 1 or self._read_failures % 60 == 0:
+                log.exception("reading the GPUs failed (%d time(s) in a row); retrying every tick",
+                              self._read_failures)
+            return None
+        if self._read_failures:
+            log.info("reading the GPUs works again after %d failure(s)", self._read_failures)
+            self._read_failures = 0
+        return samples
 
     def _publish_telemetry(self, samples: list[GpuSample], now: float) -> None:
         self._track_gpu_events(samples)
@@ -176,7 +202,7 @@ class Agent:
         delay = 0.5
         while not self._stop.is_set():
             try:
-                self.nc = await nats.connect(
+                nc = await nats.connect(
                     **connect_kwargs(self.config.nats),  # type: ignore[arg-type]
                     disconnected_cb=self._on_disconnected,
                     reconnected_cb=self._on_reconnected,
@@ -191,9 +217,22 @@ class Agent:
                         await self._stop.wait()
                 delay = min(delay * 2, 10.0)
                 continue
+            try:
+                await nc.subscribe(subj.command(self.config.prefix, self.config.host), cb=self._on_command)
+            except nats.errors.Error as exc:  # closed again before we could listen: start over
+                log.warning("could not subscribe to commands (%s); reconnecting", exc)
+                with contextlib.suppress(nats.errors.Error):
+                    await nc.close()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await self._stop.wait()
+                delay = min(delay * 2, 10.0)
+                continue
             log.info("connected to NATS %s as host %r", self.config.nats.describe(), self.config.host)
-            await self.nc.subscribe(subj.command(self.config.prefix, self.config.host), cb=self._on_command)
+            self.nc = nc
+            self._stored_next = None
             self._connected.set()
+            self.outbox.wake()
             return
 
     async def _on_disconnected(self) -> None:
@@ -202,22 +241,27 @@ class Agent:
 
     async def _on_reconnected(self) -> None:
         log.info("NATS reconnected; replaying %d buffered message(s)", len(self.outbox))
-        self._stored_checked = 0.0
+        self._stored_next = None
         self._connected.set()
-        self.outbox._wake.set()
+        self._retry_now.set()
+        self.outbox.wake()
 
     async def _on_closed(self) -> None:
         self._connected.clear()
-        if not self._stop.is_set():
-            # A closed connection never comes back by itself (e.g. permissions violation): start over.
-            log.error("NATS connection closed; reconnecting from scratch")
-            self.nc = None
-            asyncio.ensure_future(self._connect_forever())
+        if self._stop.is_set():
+            return
+        # A closed connection never comes back by itself (e.g. permissions violation): start over,
+        # with a task that shutdown knows about (an untracked one could connect after the stop).
+        log.error("NATS connection closed; reconnecting from scratch")
+        self.nc = None
+        if self._connector is None or self._connector.done():
+            self._connector = asyncio.ensure_future(self._connect_forever())
 
     async def _on_error(self, exc: Exception) -> None:
         log.warning("NATS error: %s", exc)
 
     async def _on_command(self, msg: Msg) -> None:
+        # handle() answers every request itself, also when the backend fails in an unexpected way.
         answer = await self.commands.handle(msg.data)
         if msg.reply:
             try:
@@ -227,43 +271,57 @@ class Agent:
 
     async def _refresh_stored(self) -> None:
         nc = self.nc
-        if nc is None or time.monotonic() - self._stored_checked < 10.0:
+        if nc is None or (self._stored_next is not None and time.monotonic() < self._stored_next):
             return
-        self._stored_checked = time.monotonic()
         js = nc.jetstream()
+        answered = True
         for subject in (subj.telemetry(self.config.prefix, self.config.host),
                         subj.events(self.config.prefix, self.config.host)):
             try:
                 await js.find_stream_name_by_subject(subject)
                 stored = True
-            except Exception:  # NotFound, JetStream disabled, no permission: treat as "not stored"
-                stored = False
+            except StreamNotFound:
+                stored = False  # JetStream is there and no stream has the subject
+            except JsUnavailable as exc:
+                if exc.code is not None:  # a 503 from JetStream (still recovering): not an answer
+                    answered = False
+                    stored = self._stored.get(subject, True)
+                else:  # no responders on the JetStream API: JetStream is not enabled
+                    stored = False
+            except Exception as exc:  # timeout, JetStream still recovering, no permission, ...
+                # Not an answer: right after a NATS restart the streams may not be loaded yet, and
+                # deciding "not stored" then would publish the backlog without acks into nothing.
+                # Keep what we knew (ack'd publishing if we knew nothing) and ask again soon.
+                answered = False
+                stored = self._stored.get(subject, True)
+                log.debug("could not ask which stream stores %s (%s)", subject, exc or type(exc).__name__)
             if stored != self._stored.get(subject):
                 log.info("%s is %s", subject, "stored by a stream: publishing with acks" if stored
                          else "not stored by any stream: publishing live only")
             self._stored[subject] = stored
+        self._stored_next = time.monotonic() + (STORED_RECHECK_S if answered else STORED_RETRY_S)
 
     async def _publish(self, item: Outgoing) -> None:
         nc = self.nc
         if nc is None or not nc.is_connected:
             raise PublishFailed("not connected")
-        if not self._stored.get(item.subject, False):
-            try:
-                await nc.publish(item.subject, item.payload, headers={"Nats-Msg-Id": item.msg_id})
-            except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError,
-                    nats.errors.OutboundBufferLimitError) as exc:
-                raise PublishFailed(str(exc)) from exc
-            return
         try:
+            if not self._stored.get(item.subject, False):
+                await nc.publish(item.subject, item.payload, headers={"Nats-Msg-Id": item.msg_id})
+                return
             resp = await nc.request(item.subject, item.payload, timeout=self.config.ack_timeout_s,
                                     headers={"Nats-Msg-Id": item.msg_id})
         except NoRespondersError:
             raise NotCaptured() from None
-        except (NatsTimeout, TimeoutError, nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError,
-                nats.errors.OutboundBufferLimitError) as exc:
-            raise PublishFailed(str(exc)) from exc
-        if resp.data.startswith(b'{"error"'):
-            raise PublishFailed(resp.data[:200].decode(errors="replace"))
+        except nats.errors.MaxPayloadError as exc:
+            raise Undeliverable(f"{len(item.payload)} bytes is over the server's max payload") from exc
+        except (NatsTimeout, TimeoutError, nats.errors.Error, OSError) as exc:
+            # Any other client error (closed, reconnecting, draining, buffer full) is a "not now":
+            # the message stays buffered. Letting it escape would end the sender for good.
+            raise PublishFailed(str(exc) or type(exc).__name__) from exc
+        error = _ack_error(resp.data)
+        if error is not None:
+            raise PublishFailed(error)
 
     async def _send_loop(self) -> None:
         while True:
@@ -272,32 +330,83 @@ class Agent:
             if not self._connected.is_set():
                 await self.outbox.wait(0.5)
                 continue
-            await self._refresh_stored()
-            ok = await self.outbox.drain(self._publish)
-            if not ok:
-                await asyncio.sleep(0.5)
-            else:
+            try:
+                await self._refresh_stored()
+                ok = await self.outbox.drain(self._publish)
+            except Exception:  # a bug here must not end publishing for the rest of the agent's life
+                log.exception("sending buffered messages failed; retrying")
+                ok = False
+                self.outbox.failures += 1
+            if ok:
                 await self.outbox.wait(0.5)
+                continue
+            if self._stop.is_set():
+                return  # stopping and the server refuses: what is left is reported at stop
+            # Back off (0.5 s doubling to 10 s) so a rejecting stream or a sick server is not hammered.
+            self._retry_now.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.5, self.outbox.backoff_s())):
+                    await self._retry_now.wait()
 
-    async def _shutdown(self, connector: asyncio.Future[None], sender: asyncio.Future[None]) -> None:
+    async def _shutdown(self, sender: asyncio.Future[None]) -> None:
         log.info("stopping: cancelling jobs, publishing agent_stopping")
         if self.runner is not None:
             await self.runner.stop_all()
-        self.commands.poll_jobs()
+        with contextlib.suppress(Exception):
+            self.commands.poll_jobs()
         self.emit("agent_stopping", detail=f"{len(self.outbox)} message(s) buffered at stop")
         if self._connected.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.outbox.drain(self._publish), 3.0)
-        for task in (connector, sender):
+            # The sender itself sends what is left and returns once the buffer is empty: a second
+            # drain here would send the same messages twice, concurrently and out of order.
+            self.outbox.wake()
+            await asyncio.wait([sender], timeout=STOP_DRAIN_S)
+        for task in (self._connector, sender):
+            if task is None:
+                continue
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await task
-        if self.nc is not None and not self.nc.is_closed:
-            with contextlib.suppress(Exception):
-                await self.nc.drain()
+                try:
+                    await task
+                except Exception:
+                    log.exception("a background task of the agent had failed")
+        await self._close_nats()
         self.backend.close()
         if len(self.outbox):
             log.warning("%d message(s) not delivered at stop", len(self.outbox))
+
+    async def _close_nats(self) -> None:
+        nc = self.nc
+        if nc is None or nc.is_closed:
+            return
+        if nc.is_connected:
+            try:
+                async with asyncio.timeout(NATS_CLOSE_S):
+                    await nc.drain()
+            except (TimeoutError, nats.errors.Error) as exc:
+                log.warning("NATS drain at stop failed: %s", exc or type(exc).__name__)
+        if not nc.is_closed:
+            # Reconnecting (NATS is down) or a drain that timed out: close, which ends the reconnect loop.
+            try:
+                async with asyncio.timeout(NATS_CLOSE_S):
+                    await nc.close()
+            except (TimeoutError, nats.errors.Error) as exc:
+                log.warning("NATS close at stop failed: %s", exc or type(exc).__name__)
+
+
+def _ack_error(data: bytes) -> str | None:
+    """The error of a JetStream publish ack, or None when the stream stored the message."""
+    try:
+        ack = json.loads(data)
+    except ValueError:
+        return f"unreadable ack {data[:100]!r}"
+    if not isinstance(ack, dict):
+        return f"unexpected ack {data[:100]!r}"
+    err = ack.get("error")
+    if err is None:
+        return None
+    if isinstance(err, dict):
+        return f"stream refused the message: {err.get('description')} (code {err.get('err_code')})"
+    return f"stream refused the message: {err}"
 
 
 def default_host_id() -> str:

@@ -18,6 +18,18 @@ class BackendError(RuntimeError):
     """A control request the backend cannot honour; the message is shown to the operator."""
 
 
+class PartialControlError(BackendError):
+    """A control call on several GPUs that took effect on some of them (``done``) and failed on others.
+
+    The agent still reports the GPUs that changed (a ``sleep`` event for those that went to sleep),
+    so the station's picture matches the host even though the request as a whole failed.
+    """
+
+    def __init__(self, message: str, done: Sequence[int]) -> None:
+        super().__init__(message)
+        self.done = tuple(done)
+
+
 @dataclass(frozen=True)
 class JobOutcome:
     """How a job ended: reported by the job runner as an event."""

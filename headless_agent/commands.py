@@ -28,13 +28,17 @@ from aether_protocol import (
     decode_command,
     reply,
 )
-from headless_agent.backend import BackendError, GpuBackend, resolve_gpus
+from headless_agent.backend import BackendError, GpuBackend, PartialControlError, resolve_gpus
 from headless_agent.jobs import JobPolicy, ProcessJobRunner, check_job
 
 log = logging.getLogger("aether.agent.commands")
 
 # emit(kind, job_id=None, gpus=None, exit_code=None, detail=None)
 EmitFn = Callable[..., None]
+
+# A reply must fit the server's max payload (1 MiB by default) and the readers' 1 MiB limit, with room
+# to spare: a reply that cannot be sent leaves the requester waiting for its timeout.
+MAX_REPLY_BYTES = 512 * 1024
 
 
 class CommandHandler:
@@ -46,6 +50,7 @@ class CommandHandler:
         emit: EmitFn,
         info: Callable[[], dict[str, Any]],
         now: Callable[[], float],
+        max_reply_bytes: int = MAX_REPLY_BYTES,
     ) -> None:
         self.backend = backend
         self.runner = runner  # None: jobs run inside the simulated backend
@@ -54,6 +59,7 @@ class CommandHandler:
         self.info = info
         self.now = now
         self.rejects = RejectCounter("command")
+        self.max_reply_bytes = max_reply_bytes
         self._sim_jobs: dict[str, tuple[int, ...]] = {}
 
     async def handle(self, data: bytes) -> bytes:
@@ -68,7 +74,23 @@ class CommandHandler:
         except BackendError as exc:
             log.info("command %s %s refused: %s", type(cmd).__name__, cmd.id, exc)
             return reply(cmd.id, False, str(exc))
-        return reply(cmd.id, True, None, result)
+        except Exception as exc:  # a bug or an unexpected OS/driver error: still answer, never leave it waiting
+            log.exception("command %s %s failed unexpectedly", type(cmd).__name__, cmd.id)
+            return reply(cmd.id, False, f"internal error in the agent: {type(exc).__name__}: {str(exc)[:300]}")
+        return self._fit(cmd.id, result)
+
+    def _fit(self, cmd_id: str, result: dict[str, object] | None) -> bytes:
+        """The ok reply, shortened to fit ``max_reply_bytes`` (a log keeps its end), or an ok:false one."""
+        out = reply(cmd_id, True, None, result)
+        text = result.get("log") if result is not None else None
+        while len(out) > self.max_reply_bytes and isinstance(text, str) and text:
+            # JSON escapes can make a character up to 6 bytes: cut in proportion, then check again.
+            keep = int(len(text) * self.max_reply_bytes / len(out) * 0.9)
+            text = text[len(text) - keep:] if keep > 0 else ""
+            out = reply(cmd_id, True, None, {**(result or {}), "log": text})
+        if len(out) > self.max_reply_bytes:
+            return reply(cmd_id, False, f"the reply would be {len(out)} bytes, over the {self.max_reply_bytes}-byte limit")
+        return out
 
     # ------------------------------------------------------------------ ops
 
@@ -82,13 +104,11 @@ class CommandHandler:
                 if busy:
                     raise BackendError(f"GPU {busy[0]} is running a job; cancel it or wait before sleeping")
                 # Pass None through: "every GPU" skips lost ones, an explicit lost GPU is an error.
-                await self._call(self.backend.sleep, gpus)
-                self.emit("sleep", gpus=targets)
+                await self._power_state("sleep", self.backend.sleep, gpus, targets)
                 return {"gpus": targets}
             case WakeCmd(gpus=gpus):
                 targets = resolve_gpus(gpus, self.backend.gpu_count())
-                await self._call(self.backend.wake, gpus)
-                self.emit("wake", gpus=targets)
+                await self._power_state("wake", self.backend.wake, gpus, targets)
                 return {"gpus": targets}
             case SetPowerLimitCmd(gpus=gpus, watts=watts):
                 targets = resolve_gpus(gpus, self.backend.gpu_count())
@@ -114,6 +134,17 @@ class CommandHandler:
                     raise BackendError(str(exc)) from exc
                 return {"spec": spec}
         raise BackendError(f"unsupported op {type(cmd).__name__}")
+
+    async def _power_state(self, kind: str, fn: Callable[..., None], gpus: list[int] | None,
+                           targets: list[int]) -> None:
+        """Sleep or wake; the event names the GPUs that changed, also when others failed."""
+        try:
+            await self._call(fn, gpus)
+        except PartialControlError as exc:
+            if exc.done:
+                self.emit(kind, gpus=list(exc.done), detail=f"not every GPU: {exc}"[:1000])
+            raise
+        self.emit(kind, gpus=targets)
 
     @staticmethod
     async def _call(fn: Callable[..., None], *args: object) -> None:

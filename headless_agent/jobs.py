@@ -27,6 +27,8 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Variables a job may not override: they decide what the job can touch.
 _PROTECTED_ENV = frozenset({"CUDA_VISIBLE_DEVICES", "LD_PRELOAD", "LD_LIBRARY_PATH", "PATH"})
 _JOB_ID = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+# The agent's own secrets (NATS password, token, creds path) are not the job's business.
+_SECRET_ENV_PREFIX = "AETHER_NATS"
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,9 @@ def check_job(job: JobSpec, policy: JobPolicy, gpu_count: int) -> None:
         raise BackendError("this agent does not run jobs (start it with --allow-jobs)")
     if not _JOB_ID.match(job.id):
         raise BackendError(f"invalid job id {job.id!r}")
+    texts = [*job.argv, *(job.env or {}).keys(), *(job.env or {}).values(), job.cwd or ""]
+    if any("\0" in t for t in texts):
+        raise BackendError("argv, env and cwd may not contain NUL characters")
     cmd = job.argv[0]
     allowed = policy.allowed_commands
     if not allowed:
@@ -62,12 +67,18 @@ def check_job(job: JobSpec, policy: JobPolicy, gpu_count: int) -> None:
             raise BackendError(f"invalid environment variable name {name!r}")
         if name in _PROTECTED_ENV:
             raise BackendError(f"a job may not set {name}")
-    if job.cwd is not None and not Path(job.cwd).is_dir():
-        raise BackendError(f"working directory {job.cwd!r} does not exist on this host")
+    if job.cwd is not None:
+        if not os.path.isabs(job.cwd):
+            # Relative to wherever the agent was started (often / under systemd): never what was meant.
+            raise BackendError(f"working directory {job.cwd!r} must be an absolute path")
+        if not Path(job.cwd).is_dir():
+            raise BackendError(f"working directory {job.cwd!r} does not exist on this host")
+        if not os.access(job.cwd, os.X_OK):
+            raise BackendError(f"working directory {job.cwd!r} is not accessible to the agent's user")
 
 
 def job_environment(job: JobSpec, base: dict[str, str] | None = None) -> dict[str, str]:
-    env = dict(os.environ if base is None else base)
+    env = {k: v for k, v in (os.environ if base is None else base).items() if not k.startswith(_SECRET_ENV_PREFIX)}
     env.update(job.env or {})
     env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in job.gpus)
     env["AETHER_JOB_ID"] = job.id
@@ -118,25 +129,36 @@ class ProcessJobRunner:
         check_job(job, self.policy, self.gpu_count)
         if job.id in self._running:
             raise BackendError(f"job {job.id} is already running")
-        self.policy.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.policy.log_dir / f"{job.id}.log"
-        with open(log_path, "ab") as fh:
-            try:
-                proc = await asyncio.create_subprocess_exec(
-                    *job.argv,
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=fh,
-                    stderr=asyncio.subprocess.STDOUT,
-                    env=job_environment(job),
-                    cwd=job.cwd,
-                    start_new_session=True,  # so cancel can signal the whole process group
-                )
-            except OSError as exc:
-                raise BackendError(f"could not start {job.argv[0]!r}: {exc.strerror or exc}") from exc
+        fd = self._open_log(log_path)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *job.argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=fd,
+                stderr=asyncio.subprocess.STDOUT,
+                env=job_environment(job),
+                cwd=job.cwd,
+                start_new_session=True,  # so cancel can signal the whole process group
+            )
+        except (OSError, ValueError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise BackendError(f"could not start {job.argv[0]!r}: {reason}") from exc
+        finally:
+            os.close(fd)  # the child has its own copy
         run = _Running(job=job, proc=proc, log_path=log_path, started=time.time())
         run.waiter = asyncio.ensure_future(self._wait(run))
         self._running[job.id] = run
         log.info("job %s started: pid %d, gpus %s, log %s", job.id, proc.pid, list(job.gpus), log_path)
+
+    def _open_log(self, path: Path) -> int:
+        """The job's log, for appending; a refusal (permissions, full disk) is the job's refusal."""
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # O_NOFOLLOW: in a shared folder such as /tmp a planted symlink must not redirect the output.
+            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o640)
+        except OSError as exc:
+            raise BackendError(f"cannot write the job log {str(path)!r}: {exc.strerror or exc}") from exc
 
     async def _wait(self, run: _Running) -> None:
         code = await run.proc.wait()
@@ -191,10 +213,13 @@ class ProcessJobRunner:
         path = self.policy.log_dir / f"{job_id}.log"
         if not path.exists():
             raise BackendError(f"no log for job {job_id} on this host")
-        size = path.stat().st_size
-        with open(path, "rb") as fh:
-            fh.seek(max(0, size - max(1, min(max_bytes, 256 * 1024))))
-            return fh.read().decode("utf-8", errors="replace")
+        try:
+            with open(path, "rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                fh.seek(max(0, size - max(1, min(max_bytes, 256 * 1024))))
+                return fh.read().decode("utf-8", errors="replace")
+        except OSError as exc:
+            raise BackendError(f"cannot read the log of job {job_id}: {exc.strerror or exc}") from exc
 
     async def stop_all(self) -> None:
         for run in list(self._running.values()):

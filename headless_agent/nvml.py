@@ -30,7 +30,7 @@ import msgspec
 
 from aether_protocol import GpuSample
 from aether_protocol.messages import GpuState
-from headless_agent.backend import BackendError, resolve_gpus
+from headless_agent.backend import BackendError, PartialControlError, resolve_gpus
 from headless_agent.nvml_query import (
     NVML_ERROR_INVALID_ARGUMENT,
     NVML_ERROR_NO_PERMISSION,
@@ -211,7 +211,8 @@ class NvmlBackend:
     def sleep(self, gpus: Sequence[int] | None) -> None:
         """Lower each GPU's power limit to its minimum, remembering the limit to restore."""
         errors: list[str] = []
-        for index in resolve_gpus(gpus, len(self._gpus)):
+        done: list[int] = []
+        for index in self._targets(gpus):
             gpu = self._gpus[index]
             if gpu.sleeping:
                 continue  # sleeping twice must not overwrite the limit to restore with the minimum
@@ -223,12 +224,14 @@ class NvmlBackend:
             with self._lock:
                 gpu.saved_limit_mw = saved
                 gpu.sleeping = True
-        _raise_collected(errors)
+            done.append(index)
+        _raise_collected(errors, done)
 
     def wake(self, gpus: Sequence[int] | None) -> None:
         """Restore the power limit each sleeping GPU had before sleep."""
         errors: list[str] = []
-        for index in resolve_gpus(gpus, len(self._gpus)):
+        done: list[int] = []
+        for index in self._targets(gpus):
             gpu = self._gpus[index]
             if not gpu.sleeping:
                 continue
@@ -242,14 +245,15 @@ class NvmlBackend:
             with self._lock:
                 gpu.sleeping = False
                 gpu.saved_limit_mw = None
-        _raise_collected(errors)
+            done.append(index)
+        _raise_collected(errors, done)
 
     def set_power_limit(self, gpus: Sequence[int] | None, watts: float) -> None:
         """Set the power limit, after checking it against every target GPU's allowed range.
 
         A sleeping GPU keeps its minimum limit; the new one is what wake restores.
         """
-        targets = resolve_gpus(gpus, len(self._gpus))
+        targets = self._targets(gpus)
         milliwatts = round(watts * 1000)
         for index in targets:
             low, high = self._control(self._gpus[index], _constraints, "read the power limit range of")
@@ -258,11 +262,13 @@ class NvmlBackend:
                     f"{watts:g} W is outside GPU {index}'s power limit range {low / 1000:g}-{high / 1000:g} W"
                 )
         errors: list[str] = []
+        done: list[int] = []
         for index in targets:
             gpu = self._gpus[index]
             with self._lock:
                 if gpu.sleeping:
                     gpu.saved_limit_mw = milliwatts
+                    done.append(index)
                     continue
             try:
                 self._control(
@@ -270,7 +276,16 @@ class NvmlBackend:
                 )
             except BackendError as exc:
                 errors.append(str(exc))
-        _raise_collected(errors)
+                continue
+            done.append(index)
+        _raise_collected(errors, done)
+
+    def _targets(self, gpus: Sequence[int] | None) -> list[int]:
+        """GPUs a control call acts on: "every GPU" (None) skips lost ones; a named lost GPU is an error."""
+        targets = resolve_gpus(gpus, len(self._gpus))
+        if gpus is None:
+            return [i for i in targets if not self._gpus[i].lost]
+        return targets
 
     def _control(self, gpu: _Gpu, op: Callable[[DeviceReader], T], what: str) -> T:
         """Run a control call on the GPU's worker with a deadline; errors become BackendError."""
@@ -346,8 +361,14 @@ def _control_message(index: int, exc: NvmlCallError) -> str:
     return f"GPU {index}: {exc.function} failed (NVML: {exc.message})"
 
 
-def _raise_collected(errors: list[str]) -> None:
-    """One BackendError for a multi-GPU request; the same reason for every GPU is said once."""
+def _raise_collected(errors: list[str], done: Sequence[int] = ()) -> None:
+    """One BackendError for a multi-GPU request; the same reason for every GPU is said once.
+
+    When some GPUs did change, it is a PartialControlError naming them, so their events still go out.
+    """
     unique = list(dict.fromkeys(errors))
-    if unique:
-        raise BackendError("; ".join(unique))
+    if not unique:
+        return
+    if done:
+        raise PartialControlError("; ".join(unique), done)
+    raise BackendError("; ".join(unique))

@@ -9,6 +9,14 @@ telemetry is dropped first (events are kept longer: they carry job outcomes).
 
 If no stream captures a subject ("no responders"), nobody stores it: the
 core publish already reached the live subscribers, so the message is done.
+
+When the server refuses (a full stream that discards new messages, a timeout)
+the message stays at the head of its queue and the sender backs off; until
+one message gets through again, retries go one at a time, so a rejecting
+stream costs one request per back-off step instead of a window of them, and
+the backlog is replayed in order once it accepts again. A message that can
+never be sent (larger than the server's max payload) is dropped and counted:
+retrying it forever would only hide it.
 """
 
 from __future__ import annotations
@@ -35,6 +43,10 @@ class PublishFailed(Exception):
     """The server did not acknowledge: keep the message and retry later."""
 
 
+class Undeliverable(Exception):
+    """The message can never be sent (e.g. over the server's max payload): drop it, loudly."""
+
+
 class NotCaptured(Exception):
     """No stream captures this subject: the live publish was all there is to do."""
 
@@ -49,7 +61,11 @@ class Outbox:
         self.max_messages = max_messages
         self.max_events = max_events
         self.dropped = 0
+        self.undeliverable = 0
         self.sent = 0
+        # Consecutive drains that ended in a failure, and the server's last reason.
+        self.failures = 0
+        self.last_error: str | None = None
         self._wake = asyncio.Event()
 
     def __len__(self) -> int:
@@ -63,6 +79,10 @@ class Outbox:
             if self.dropped == 1 or self.dropped % 1000 == 0:
                 log.warning("outbox full: dropped %d oldest message(s) so far", self.dropped)
         q.append(item)
+        self._wake.set()
+
+    def wake(self) -> None:
+        """Cut the sender's current wait short (a reconnect: replay now)."""
         self._wake.set()
 
     async def wait(self, timeout: float) -> None:
@@ -79,35 +99,62 @@ class Outbox:
     async def drain(self, publish: PublishFn, window: int = 64) -> bool:
         """Send what is buffered, oldest first, ``window`` messages in flight at a time.
 
-        Returns False when the server stopped acknowledging (caller waits for a reconnect).
+        Returns False when the server stopped acknowledging (caller backs off, see ``failures``).
         """
         while True:
+            # After a failure, probe with one message: it is the head of its queue, so order holds.
+            size = 1 if self.failures else window
             batch: list[tuple[deque[Outgoing], Outgoing]] = []
             # Events first: they are rare and carry state changes the station needs.
             for q in (self._events, self._telemetry):
-                for item in itertools.islice(q, window - len(batch)):
+                for item in itertools.islice(q, size - len(batch)):
                     batch.append((q, item))
-                if len(batch) >= window:
+                if len(batch) >= size:
                     break
             if not batch:
                 return True
             results = await asyncio.gather(*(self._send_one(publish, it) for _, it in batch))
+            failed_in: set[int] = set()
             for (q, item), ok in zip(batch, results, strict=True):
-                if ok:
-                    try:
-                        q.remove(item)
-                    except ValueError:
-                        # Dropped by put() while in flight: already gone.
-                        continue
-                    self.sent += 1
+                if not ok:
+                    failed_in.add(id(q))
+                    continue
+                if id(q) in failed_in:
+                    # Stored, but after an earlier message of its queue that will be retried.
+                    log.warning("message %s was accepted before an earlier one the server refused: "
+                                "they are stored out of order", item.msg_id)
+                try:
+                    q.remove(item)
+                except ValueError:
+                    # Dropped by put() while in flight: already gone.
+                    continue
+                self.sent += 1
             if not all(results):
+                self.failures += 1
+                if self.failures == 1 or self.failures % 100 == 0:
+                    log.warning("the server refuses messages (%s); %d waiting, retrying with back-off",
+                                self.last_error, len(self))
                 return False
+            if self.failures:
+                log.info("the server accepts messages again after %d failed attempt(s)", self.failures)
+                self.failures = 0
+
+    def backoff_s(self, base: float = 0.5, cap: float = 10.0) -> float:
+        """How long the sender waits before the next attempt after ``failures`` failures."""
+        if not self.failures:
+            return 0.0
+        return float(min(cap, base * 2 ** min(self.failures - 1, 16)))
 
     async def _send_one(self, publish: PublishFn, item: Outgoing) -> bool:
         try:
             await publish(item)
         except NotCaptured:
             return True
-        except PublishFailed:
+        except PublishFailed as exc:
+            self.last_error = str(exc) or type(exc).__name__
             return False
+        except Undeliverable as exc:
+            self.undeliverable += 1
+            log.error("dropping message %s on %s (%d bytes): %s", item.msg_id, item.subject, len(item.payload), exc)
+            return True
         return True

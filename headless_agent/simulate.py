@@ -33,6 +33,7 @@ from aether_protocol import GpuSample, JobSpec, Process
 from headless_agent.backend import BackendError, JobOutcome, resolve_gpus
 from headless_agent.faults import ActiveFault, Effects, FaultSpec, parse_fault
 from headless_agent.gpu_models import GpuModel, parse_models
+from headless_agent.sim_workload import INTENSITY, MEM_BW, Work, background_step, begin_background
 
 MAX_DT_S = 1.0
 # A gap longer than this many substeps (a suspended laptop, a stalled loop) is
@@ -47,49 +48,6 @@ SLEEP_MEM_MHZ = 405
 # below it counts back down). Brief excursions are normal; minutes are not.
 THERMAL_FAIL_S = 300.0
 DEFAULT_EXPECTED_S = 60.0
-LOAD_S = 3.0  # a job allocates its memory over its first seconds, as a model loads
-_INTENSITY = {"training": 1.0, "inference": 0.85}  # power per % util
-_MEM_BW = {"training": 0.5, "inference": 0.3}  # memory-controller busy per % util
-
-
-@dataclass(eq=False)
-class _Work:
-    """Something loading GPUs: an explicit job, or a synthetic background phase (job None)."""
-
-    kind: str
-    mem_mib: float
-    pid: int
-    name: str
-    gpus: tuple[int, ...]
-    start: float
-    end: float = math.inf  # background only: when the phase ends
-    job: JobSpec | None = None
-    expected_s: float = 0.0
-    progress: float = 0.0
-    energy_j: float = 0.0
-    level: float = 0.0  # current utilisation demand, %
-    dip_until: float = -math.inf
-    alloc_mib: float = 0.0
-
-    def ramp(self, t: float) -> float:
-        if self.job is None:
-            return 1.0
-        return min(1.0, max(0.0, (t - self.start) / LOAD_S))
-
-    def update_level(self, t: float, dt: float, rng: random.Random) -> None:
-        """Training runs flat out with short dips (eval, checkpoints); inference is bursty."""
-        if self.kind == "training":
-            if t >= self.dip_until and rng.random() < 0.01 * dt:
-                self.dip_until = t + rng.uniform(2.0, 6.0)
-                self.level = rng.uniform(20.0, 50.0)
-            elif t >= self.dip_until:
-                self.level = min(100.0, 96.0 + rng.gauss(0.0, 1.5))
-        else:
-            if rng.random() < 1.0 - math.exp(-dt / 3.0):
-                self.level = rng.uniform(20.0, 80.0)
-            self.level = min(100.0, max(0.0, self.level + rng.gauss(0.0, 3.0)))
-
-
 @dataclass(eq=False)
 class _Gpu:
     index: int
@@ -115,8 +73,8 @@ class _Gpu:
     xid: int | None = None
     stuck_temp: float | None = None
     fan_dead: bool = False
-    works: list[_Work] = field(default_factory=list)
-    bg: _Work | None = None
+    works: list[Work] = field(default_factory=list)
+    bg: Work | None = None
     bg_next: float = 0.0  # when an idle background gap ends
 
 
@@ -162,7 +120,7 @@ class SimulatedBackend:
                     power_limit=m.tdp_w,
                 )
             )
-        self._jobs: dict[str, _Work] = {}
+        self._jobs: dict[str, Work] = {}
         self._outcomes: list[JobOutcome] = []
         self._faults: list[ActiveFault] = []
         self._pending_faults = [self._checked(s) for s in faults]
@@ -238,7 +196,7 @@ class SimulatedBackend:
             kind = job.kind or "training"
             smallest = min(g.model.mem_total_mib for g in gpus)
             mem = job.mem_mib if job.mem_mib is not None else smallest * (0.25 if kind == "training" else 0.1)
-            work = _Work(
+            work = Work(
                 kind=kind,
                 mem_mib=float(mem),
                 pid=self._new_pid(),
@@ -320,7 +278,7 @@ class SimulatedBackend:
         for g in self._gpus:
             load = 0.0
             if self._background and g.rng.random() < 0.5:
-                self._begin_background(g, t0, remaining=True)
+                begin_background(g, t0, remaining=True, new_pid=self._new_pid)
                 load = 0.9
             p = g.model.idle_w + (g.model.tdp_w - g.model.idle_w) * load**g.model.gamma
             g.temp = self._ambient + g.amb_offset + g.r_th * p
@@ -384,7 +342,7 @@ class SimulatedBackend:
             g.util = g.mem_util = 0.0
             g.perf, g.share, g.sm_mhz, g.throttle = 0.0, 1.0, SLEEP_SM_MHZ, ["gpu_idle"]
         else:
-            self._background_step(g, t, dt)
+            background_step(g, t, dt, self._background, self._new_pid)
             self._power(g, t, dt, eff)
         g.power = max(0.0, g.power)
         g.energy_j += g.power * dt
@@ -403,8 +361,8 @@ class SimulatedBackend:
         demand = sum(d for _, d in demands)
         g.share = min(1.0, 100.0 / demand) if demand > 0 else 1.0
         g.util = min(100.0, demand)
-        g.mem_util = min(100.0, sum(d * _MEM_BW[w.kind] for w, d in demands) * g.share)
-        load = min(1.0, sum(d * _INTENSITY[w.kind] for w, d in demands) * g.share / 100.0)
+        g.mem_util = min(100.0, sum(d * MEM_BW[w.kind] for w, d in demands) * g.share)
+        load = min(1.0, sum(d * INTENSITY[w.kind] for w, d in demands) * g.share / 100.0)
         dyn_range = m.tdp_w - m.idle_w
         f_th, reasons = m.thermal_throttle(g.temp, eff.runaway)
         # Dynamic power goes roughly as f * V^2 and V follows f, so ~f**1.5 here.
@@ -449,40 +407,7 @@ class SimulatedBackend:
         # new jobs do, which is what operators see in practice.
         g.leak_mib += min(eff.leak_mib, max(0.0, total - used))
 
-    def _background_step(self, g: _Gpu, t: float, dt: float) -> None:
-        if g.bg is not None:
-            g.bg.update_level(t, dt, g.rng)
-            if t >= g.bg.end:
-                g.works.remove(g.bg)
-                g.bg = None
-                g.bg_next = t + 30.0 + g.rng.expovariate(1.0 / 240.0)
-        elif self._background and t >= g.bg_next:
-            if any(w.job is not None for w in g.works):
-                g.bg_next = t + 60.0  # someone's job holds it; look again later
-            else:
-                self._begin_background(g, t, remaining=False)
-
-    def _begin_background(self, g: _Gpu, t: float, remaining: bool) -> None:
-        rng = g.rng
-        training = rng.random() < 0.6
-        duration = rng.uniform(180.0, 1200.0) if training else rng.uniform(60.0, 600.0)
-        frac = rng.uniform(0.25, 0.7) if training else rng.uniform(0.1, 0.3)
-        if remaining:  # the fleet was already busy when we started watching
-            duration *= rng.random()
-        w = _Work(
-            kind="training" if training else "inference",
-            mem_mib=float(round(g.model.mem_total_mib * frac)),
-            pid=self._new_pid(),
-            name="python" if training else "tritonserver",
-            gpus=(g.index,),
-            start=t,
-            end=t + duration,
-            level=90.0 if training else 40.0,
-        )
-        g.bg = w
-        g.works.insert(0, w)
-
-    def _progress(self, w: _Work, dt: float) -> None:
+    def _progress(self, w: Work, dt: float) -> None:
         gpus = [self._gpus[i] for i in w.gpus]
         for g in gpus:
             m, why = g.model, None
@@ -508,7 +433,7 @@ class SimulatedBackend:
         g.xid = None
         g.stuck_temp = None
 
-    def _end(self, w: _Work, kind: str, exit_code: int | None, detail: str | None) -> None:
+    def _end(self, w: Work, kind: str, exit_code: int | None, detail: str | None) -> None:
         assert w.job is not None
         for i in w.gpus:
             works = self._gpus[i].works

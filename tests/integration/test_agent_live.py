@@ -182,3 +182,35 @@ async def test_real_command_runs_on_an_agent_with_allow_jobs(nats_url: str, tmp_
     finally:
         stop_agent(agent)
         await bus.stop()
+
+
+async def test_sigterm_while_nats_is_down_exits_promptly(nats_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from tests.servers import free_port
+
+    # Never reached NATS: the first connect is still retrying when the stop comes.
+    lonely = start_agent(f"nats://127.0.0.1:{free_port()}", "it-lonely", "--simulate", "1", "--interval", "0.2",
+                         log=tmp_path / "lonely.log")
+    # Connected, then NATS went away: the client is reconnecting, messages are buffered.
+    agent = start_agent(nats_server.url, "it-down", "--simulate", "1", "--interval", "0.2",
+                        log=tmp_path / "agent.log")
+    nc = await nats.connect(nats_server.url)
+    got: list[bytes] = []
+
+    async def cb(msg) -> None:  # type: ignore[no-untyped-def]
+        got.append(msg.data)
+
+    await nc.subscribe("aether.telemetry.it-down", cb=cb)
+    try:
+        assert await wait_for(lambda: len(got) >= 2), (tmp_path / "agent.log").read_text()
+        await nc.close()
+        nats_server.stop()
+        await asyncio.sleep(1.5)
+        for proc, log in ((agent, "agent.log"), (lonely, "lonely.log")):
+            t0 = time.monotonic()
+            assert stop_agent(proc, timeout=10) == 0, (tmp_path / log).read_text()
+            assert time.monotonic() - t0 < 5, (tmp_path / log).read_text()
+    finally:
+        for proc in (agent, lonely):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
