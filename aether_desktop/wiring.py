@@ -133,8 +133,9 @@ class JobsRuntime:
             fn(ids)
 
     def _on_role(self, active: bool) -> None:
-        self.station.sink.post_notice("info", "this station dispatches jobs" if active
-                                      else "another station dispatches jobs; this one submits and watches")
+        if not self.station.stopping:  # the dispatcher gives its role up on the way out: not news
+            self.station.sink.post_notice("info", "this station dispatches jobs" if active
+                                          else "another station dispatches jobs; this one submits and watches")
         for fn in self.role_listeners:
             fn(active)
 

@@ -24,7 +24,8 @@ import math
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 
 import nats
 from nats.aio.client import Client
@@ -141,6 +142,9 @@ class Bus:
         self._connected = asyncio.Event()
         self._connect_task: asyncio.Task[None] | None = None
         self._connect_listeners: list[Callable[[Client], None]] = []
+        # Bumped when the client is replaced (set_servers): callbacks of an older client are ignored.
+        self._generation = 0
+        self._last_error: tuple[str, float] | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -175,6 +179,36 @@ class Bus:
                 await self._drain_task
             self._drain_task = None
 
+    @property
+    def started(self) -> bool:
+        return self._drain_task is not None
+
+    async def reconnect_to(self, settings: NatsSettings) -> None:
+        """Use other settings: reconnect from scratch if started (the embedded server came back on
+        another port), else just remember them for start().
+
+        nats-py only ever retries the server list it was given, so the old client is
+        closed (its callbacks are ignored from now on) and a new one connects; the
+        connect listeners see the new client.
+        """
+        self.settings = settings
+        self._generation += 1
+        if self._connect_task is not None and not self._connect_task.done():
+            self._connect_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._connect_task
+        old, self.nc = self.nc, None
+        self._connected.clear()
+        if old is not None and not old.is_closed:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(old.close(), 5)
+        if self.started and not self._stopping:
+            self._connect_task = asyncio.ensure_future(self._connect_forever())
+
+    async def set_servers(self, servers: Sequence[str]) -> None:
+        """Same credentials and options, other servers (see ``reconnect_to``)."""
+        await self.reconnect_to(replace(self.settings, servers=tuple(servers)))
+
     async def wait_connected(self, timeout: float) -> bool:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._connected.wait(), timeout)
@@ -187,14 +221,15 @@ class Bus:
 
     async def _connect_forever(self) -> None:
         delay = 0.5
+        gen = self._generation
         while not self._stopping:
             self._set_state(ConnState.CONNECTING, self.settings.describe())
             try:
                 nc = await nats.connect(
                     **connect_kwargs(self.settings),  # type: ignore[arg-type]
-                    disconnected_cb=self._on_disconnected,
-                    reconnected_cb=self._on_reconnected,
-                    closed_cb=self._on_closed,
+                    disconnected_cb=self._current(gen, self._on_disconnected),
+                    reconnected_cb=self._current(gen, self._on_reconnected),
+                    closed_cb=self._current(gen, self._on_closed),
                     error_cb=self._on_error,
                 )
             except Exception as exc:  # nats-py raises several unrelated types on a failed first connect
@@ -220,12 +255,22 @@ class Bus:
                 fn(nc)
             return
 
+    def _current(self, gen: int, fn: Callable[[], Awaitable[None]]) -> Callable[[], Awaitable[None]]:
+        """A client callback that does nothing once that client has been replaced."""
+
+        async def cb() -> None:
+            if gen == self._generation:
+                await fn()
+
+        return cb
+
     async def _on_disconnected(self) -> None:
         self._connected.clear()
         if not self._stopping:
             self._set_state(ConnState.RECONNECTING, "connection lost; reconnecting")
 
     async def _on_reconnected(self) -> None:
+        self._last_error = None
         self._connected.set()
         self._set_state(ConnState.CONNECTED, self.settings.describe())
 
@@ -246,7 +291,12 @@ class Bus:
                 log.warning("live view is behind: %d message(s) dropped by NATS (storage is unaffected)",
                             self.slow_consumer_drops)
             return
-        log.warning("NATS error: %s", exc)
+        # While a server is down nats-py reports the same refused connect every second: log it once a minute.
+        text, now = str(exc) or type(exc).__name__, time.monotonic()
+        if self._last_error is not None and self._last_error[0] == text and now - self._last_error[1] < 60:
+            return
+        self._last_error = (text, now)
+        log.warning("NATS error: %s", text)
 
     # ------------------------------------------------------------------ live messages
 

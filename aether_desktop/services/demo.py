@@ -61,9 +61,12 @@ class DemoFleet:
         self.prefix = prefix
         self.data_dir = data_dir
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._plan: tuple[int, int, int] | None = None
 
     def start(self, n_hosts: int, gpus: int = 8, seed: int = 1) -> list[DemoHost]:
         hosts = plan(n_hosts, gpus, seed)
+        if self._plan is None or n_hosts > self._plan[0]:
+            self._plan = (n_hosts, gpus, seed)
         env = dict(os.environ)
         if self.user is not None:
             env["AETHER_NATS_USER"] = self.user
@@ -81,6 +84,17 @@ class DemoFleet:
             out.close()
         log.info("demo fleet: %d simulated host(s) x %d GPU(s)", len(hosts), gpus)
         return hosts
+
+    def set_servers(self, servers: Sequence[str]) -> None:
+        """Restart the agents against other servers (the embedded server came back on a new port).
+
+        An agent only retries the URLs it was started with; blocking (up to the stop timeout).
+        """
+        self.servers = list(servers)
+        if self._plan is None or not self.procs:
+            return
+        self.stop()
+        self.start(*self._plan)
 
     def running(self) -> list[str]:
         return [h for h, p in self.procs.items() if p.poll() is None]

@@ -76,7 +76,9 @@ class FleetStatusBar(QStatusBar):
 
     def _on_connection_changed(self, state: str, detail: str) -> None:
         colour = theme.CONNECTION_COLORS.get(state, theme.MUTED)
-        self.nats_label.setText(_dot(colour, f"NATS {state}"))
+        # "closed" with a reason (the embedded server cannot start) is a problem, not a clean stop.
+        shown = "unavailable" if state == "closed" and detail and detail != "stopped" else state
+        self.nats_label.setText(_dot(colour, f"NATS {shown}"))
         self.nats_label.setToolTip(detail or f"NATS {state}")
 
     def _on_db_status_changed(self, ok: bool, waiting: int, detail: str) -> None:

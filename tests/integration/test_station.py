@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import signal
+import socket
 import time
 from pathlib import Path
 
@@ -13,6 +17,7 @@ from aether_desktop.config import StationConfig
 from aether_desktop.station import Station
 from aether_desktop.wiring import wire_services
 from tests.integration.agent_proc import start_agent, stop_agent
+from tests.servers import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -104,4 +109,65 @@ async def test_station_reports_an_unreachable_database_and_keeps_running(nats_ur
         assert await wait_for(lambda: any(not ok and "unavailable" in d for ok, _, d in sink.db), timeout=20)
     finally:
         stop_agent(agent)
+        await station.stop()
+
+
+def _embedded_pid(data_dir: Path) -> int:
+    return int(json.loads((data_dir / "nats" / "server.json").read_text())["pid"])
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+async def test_station_restarts_its_embedded_nats_server_when_it_dies(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    cfg = StationConfig(no_db=True, data_dir=data, demo_hosts=1, demo_gpus=2)
+    sink = Sink()
+    station = Station(cfg, sink)
+    arrivals: list[float] = []
+    station.add_telemetry_listener(lambda _msg, at: arrivals.append(at))
+    await station.start()
+    try:
+        assert await wait_for(lambda: station.fleet.n_slots == 2)
+        first_url, first_pid = station.nats_servers[0], _embedded_pid(data)
+        agent_pid = station.demo.procs["demo-01"].pid  # type: ignore[union-attr]
+        os.kill(first_pid, signal.SIGKILL)
+        assert await wait_for(lambda: any("started it again" in t for _, t in sink.notices), timeout=30), sink.notices
+        assert station.nats_servers[0] != first_url  # a random port: it came back elsewhere
+        assert await wait_for(lambda: station.bus.state == "connected", timeout=15)  # type: ignore[union-attr]
+        # The demo agent was pointed at the new server, and the live view flows again.
+        assert station.demo.procs["demo-01"].pid != agent_pid  # type: ignore[union-attr]
+        restarted = time.time()
+        assert await wait_for(lambda: arrivals and arrivals[-1] > restarted, timeout=20)
+    finally:
+        await station.stop()
+    assert _gone(_embedded_pid(data)) if (data / "nats" / "server.json").exists() else True
+    assert _gone(agent_pid)
+
+
+async def test_station_keeps_running_when_the_embedded_server_cannot_start(tmp_path: Path) -> None:
+    port = free_port()
+    blocker = socket.socket()
+    blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    blocker.bind(("127.0.0.1", port))
+    blocker.listen()
+    cfg = StationConfig(no_db=True, data_dir=tmp_path / "data", embedded_port=port, demo_hosts=1, demo_gpus=1)
+    sink = Sink()
+    station = Station(cfg, sink)
+    try:
+        await station.start()  # does not raise: the operator is told, the station keeps running
+        assert sink.connection[-1][0] == "closed" and "address already in use" in sink.connection[-1][1]
+        assert any(level == "error" and "could not start" in text for level, text in sink.notices)
+        assert station.demo is None  # deferred until the server is up
+        blocker.close()  # the port frees up: the watchdog starts the server, then the demo fleet
+        assert await wait_for(lambda: station.bus.state == "connected", timeout=30)  # type: ignore[union-attr]
+        assert await wait_for(lambda: station.fleet.n_slots == 1, timeout=30)
+        assert station.nats_servers == (f"nats://127.0.0.1:{port}",)
+    finally:
+        blocker.close()
         await station.stop()

@@ -43,10 +43,29 @@ def test_aether_table_and_paths(tmp_path: Path) -> None:
     ("bogus_setting = 1", "unknown setting"),
     ("demo_hosts = 'many'", "demo_hosts"),
     ("subject_prefix = 'bad prefix'", "invalid subject prefix"),
+    # Wrong types are errors, never silently something else.
+    ("data_dir = 5", "data_dir.*path"),
+    ("no_db = 'maybe'", "no_db.*true or false"),
+    ("demo_hosts = 2.5", "demo_hosts.*whole number"),
+    ("demo_hosts = true", "demo_hosts.*whole number"),
+    ("subject_prefix = 7", "subject_prefix.*string"),
 ])
 def test_bad_config_files_give_clear_errors(tmp_path: Path, text: str, needle: str) -> None:
     with pytest.raises(ConfigError, match=needle):
         load(["--config", str(_write(tmp_path, text))])
+
+
+def test_well_typed_values_in_other_spellings_are_accepted(tmp_path: Path) -> None:
+    cfg = load(["--config", str(_write(tmp_path, "no_db = 'yes'\ndemo_hosts = 2.0\nstream_max_age_h = 12\n"))])
+    assert cfg.no_db and cfg.demo_hosts == 2 and cfg.stream_max_age_h == 12.0
+    assert not load(["--config", str(_write(tmp_path, ""))], {"AETHER_DEMO": "0"}).demo_hosts
+
+
+def test_bad_config_file_exits_2_with_the_reason(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from aether_desktop.app import main
+
+    assert main(["--config", str(_write(tmp_path, "no_db = 'maybe'")), "--headless"]) == 2
+    assert "no_db" in capsys.readouterr().err
 
 
 def test_missing_explicit_config_file_is_an_error(tmp_path: Path) -> None:
@@ -59,6 +78,8 @@ def test_listen_beyond_loopback_only_for_the_embedded_server(tmp_path: Path) -> 
     assert cfg.embedded_listen == "0.0.0.0"
     with pytest.raises(ConfigError, match="embedded"):
         load(["--config", str(_write(tmp_path, "")), "--listen", "0.0.0.0", "--nats", "nats://x:1"])
+    with pytest.raises(ConfigError, match="--port"):
+        load(["--config", str(_write(tmp_path, "")), "--port", "70000"])
 
 
 def test_cli_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -37,6 +37,22 @@ def test_window_has_fleet_alerts_jobs_and_demo_menu(qtbot: QtBot, qloop: asyncio
     state.stop()
 
 
+def test_status_bar_tells_a_failed_server_from_a_clean_stop(qtbot: QtBot, tmp_path: Path) -> None:
+    from aether_desktop.widgets.status_bar import FleetStatusBar
+
+    state = QtState(Station(StationConfig(data_dir=tmp_path, no_db=True), sink=None).fleet,  # type: ignore[arg-type]
+                    start=False)
+    bar = FleetStatusBar(state)
+    qtbot.addWidget(bar)
+    state.set_connection("closed", "could not start the embedded NATS server: address already in use")
+    assert "NATS unavailable" in bar.nats_label.text() and "address already in use" in bar.nats_label.toolTip()
+    state.set_connection("closed", "stopped")
+    assert "NATS closed" in bar.nats_label.text()
+    state.set_db_status(False, 1234, "database unavailable, 1,234 samples waiting (connection refused)")
+    assert "database unavailable, 1,234 samples waiting" in bar.db_label.text()
+    bar._timer.stop()
+
+
 def test_fault_dialog_builds_a_valid_spec(qtbot: QtBot) -> None:
     dialog = FaultDialog(["demo-01", "demo-02"], "demo-02", 3)
     qtbot.addWidget(dialog)
