@@ -42,15 +42,20 @@ class JobWatcher:
             self._task = None
 
     async def _run(self) -> None:
+        failing = False  # log once per outage, not every retry
         while True:
             try:
                 async with await psycopg.AsyncConnection.connect(self._dsn, autocommit=True) as conn:
                     await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(NOTIFY_CHANNEL)))
+                    if failing:
+                        log.info("job watcher reconnected to the database")
+                    failing = False
                     self._on_change(frozenset())
                     async for note in conn.notifies():
                         self._on_change(frozenset({note.payload}))
             except psycopg.OperationalError as exc:
-                log.warning(
-                    "job watcher lost its database connection (%s); retrying in %.0fs", exc, self._retry_s
-                )
+                if not failing:
+                    log.warning("job watcher lost its database connection (%s); retrying every %.0fs",
+                                str(exc).splitlines()[0] if str(exc) else type(exc).__name__, self._retry_s)
+                failing = True
             await asyncio.sleep(self._retry_s)
