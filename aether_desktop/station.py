@@ -54,7 +54,7 @@ class LogSink:
             self._last_db = key
             if ok:
                 log.info("database %s", detail or "ok")
-            elif detail.startswith("starting"):  # not a problem yet
+            elif detail.startswith(("starting", "connecting")):  # not a problem yet
                 log.info("database: %s", detail)
             else:
                 log.warning("%s", detail if detail.startswith("database") else f"database unavailable: {detail}")
