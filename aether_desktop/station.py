@@ -361,7 +361,8 @@ class Station:
 
     async def wait_db(self, timeout: float) -> bool:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._db_ready.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._db_ready.wait()
         return self._db_ready.is_set()
 
     async def stop(self) -> None:

@@ -11,7 +11,7 @@ import getpass
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from aether_desktop.services.bus import ConnState
@@ -238,7 +238,7 @@ def wire_gui(station: Station, state: Any, window: Any, app: Any, closing: async
 
     def open_dialog() -> None:
         dialog = JobDialog(window)
-        dialog.submitted.connect(lambda req: _submit(bridge, req))
+        dialog.submitted.connect(bridge.submit)
         dialog.open()
 
     from PySide6.QtGui import QAction
@@ -315,11 +315,3 @@ def _wire_demo_menu(station: Station, window: Any) -> None:
     menu.addAction(start)
     menu.addAction(inject)
     window.inject_fault_action = inject
-
-
-def _submit(bridge: Any, req: Any) -> None:
-    bridge.submit(req)
-
-
-def noop(*_: object) -> Awaitable[None] | None:
-    return None

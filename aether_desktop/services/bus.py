@@ -160,7 +160,8 @@ class Bus:
         self._connect_task = asyncio.ensure_future(self._connect_forever())
         if wait:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._connected.wait(), wait)
+                async with asyncio.timeout(wait):
+                    await self._connected.wait()
 
     async def stop(self) -> None:
         self._stopping = True
@@ -211,7 +212,8 @@ class Bus:
 
     async def wait_connected(self, timeout: float) -> bool:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._connected.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._connected.wait()
         return self._connected.is_set()
 
     def _set_state(self, state: ConnState, detail: str = "") -> None:
