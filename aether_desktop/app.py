@@ -64,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"aether: {exc}", file=sys.stderr)
         return 2
     setup_logging(cfg.log_level)
+    from aether_desktop.services.gc_tuning import tune_gc
+
+    tune_gc()  # ingest and the live view allocate in bursts; see gc_tuning
     if cfg.headless:
         return run_headless(cfg)
     from aether_desktop.gui import run_gui

