@@ -231,6 +231,30 @@ class Station:
         self._db_ready.set()
         self.sink.set_db_status(True, 0, "")
         self.spawn(self._maintenance(), "maintenance")
+        self.spawn(self._backfill_live_view(), "live view backfill")
+
+    async def _backfill_live_view(self, catch_up_s: float = 30.0) -> None:
+        """Refill the heatmap and live plots with the last minutes from the database.
+
+        After a restart the live view would start empty. What agents published
+        while the station was away is still in JetStream, so the ingest gets
+        ``catch_up_s`` to store it first; then whatever is stored is read once.
+        A failure only costs the backfill (the live view fills as usual).
+        """
+        from aether_desktop.services.fleet import RING_METRICS
+
+        deadline = time.monotonic() + catch_up_s
+        while time.monotonic() < deadline and not (self.ingest is not None and self.ingest.caught_up.is_set()):
+            await asyncio.sleep(0.5)
+        fleet = self.fleet
+        try:
+            got = await self.history.recent(time.time(), fleet.history_s, RING_METRICS)
+        except Exception as exc:  # noqa: BLE001 - a DB hiccup: the live view fills as usual
+            log.warning("live view not backfilled from the database: %s", exc)
+            return
+        placed = fleet.backfill(got.identities, got.keys, got.ts, got.values, time.time())
+        log.info("live view backfilled with %d stored samples of %d GPUs (from %s)", placed,
+                 len(got.identities), time.strftime("%H:%M:%S", time.localtime(got.start)))
 
     async def _run_ingest(self, ingest: Any, old: Any) -> None:
         """Start the ingest, retrying: JetStream may not be ready the moment the client connects."""

@@ -307,6 +307,53 @@ class FleetState:
             self._state[upd] = states[newer]
             self._slot_ts[upd] = ts_g[newer] if isinstance(ts_g, np.ndarray) else ts_g
 
+    def backfill(
+        self,
+        identities: Sequence[tuple[str, int, str, str]],
+        keys: Sequence[Key],
+        ts: np.ndarray,
+        values: np.ndarray,
+        now: float,
+    ) -> int:
+        """Refill the ring from stored samples (after a restart); returns the samples placed.
+
+        ``identities`` are (host, index, uuid, name) of GPUs that reported
+        recently: one not yet heard from live gets its slot now, shown offline
+        (its host has not reported) until it does. ``values`` has one column
+        per RING_METRICS entry. Only the ring changes: latest values, liveness,
+        counters and rates stay what live telemetry made them, and live
+        samples are never overwritten. Samples outside the ring window, newer
+        than ``now`` (a skewed clock) or of unknown GPUs are skipped.
+        """
+        table = self._host_table
+        for host, index, uuid, name in identities:
+            if (host, index) in self._index:
+                continue
+            info = table.by_name.get(host) or table.add(host)
+            r = self._add_slot((host, index), info.row)
+            if r >= 0:
+                self._names[r], self._uuids[r] = name, uuid
+                info.layout, info.slot_rows = (), ()  # the next live message maps its GPUs afresh
+        n = len(keys)
+        if n == 0:
+            return 0
+        slot_of = self._index
+        rows = np.fromiter((slot_of.get(k, -1) for k in keys), dtype=np.intp, count=n)
+        secs = np.floor(np.asarray(ts, dtype=np.float64)).astype(np.int64)
+        ok = (rows >= 0) & (secs <= math.floor(now))
+        if not ok.any():
+            return 0
+        self._advance_ring(int(secs[ok].max()))  # an empty ring starts at the newest stored second
+        h = self.history_s
+        ok &= secs > self._head_sec - h
+        rows, cols, vals = rows[ok], secs[ok] % h, np.asarray(values, dtype=np.float32)[ok]
+        # Live samples win: only cells the live feed left empty are filled.
+        empty = np.isnan(self._ring[:, cols, rows]).all(axis=0)
+        rows, cols, vals = rows[empty], cols[empty], vals[empty]
+        self._ring[:, cols, rows] = vals.T
+        self.version += 1
+        return len(rows)
+
     def note_rejected(self, reason: str, count: int = 1) -> None:
         """Count a message the bus could not decode (shown in the status bar)."""
         self.rejected[reason] = self.rejected.get(reason, 0) + count

@@ -11,11 +11,14 @@ user strings never reach SQL text, only the fixed column names they map to.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from psycopg import AsyncConnection
@@ -183,6 +186,35 @@ def retention_delete_sql(table: str, column: str) -> str:
     )
 
 
+RECENT_MAX_SAMPLES = 200_000
+
+# GPUs that reported in a time range, with their identity, for the live view.
+RECENT_GPUS_SQL = (
+    b"SELECT host, gpu_index, uuid, name FROM gpus"
+    b" WHERE last_seen > to_timestamp(%s) AND first_seen <= to_timestamp(%s) ORDER BY host, gpu_index"
+)
+
+
+def recent_sql(metrics: Sequence[str]) -> str:
+    """Raw samples of every GPU in (start, end]; params: start, end, limit. The BRIN index on ts finds them."""
+    cols = ", ".join(f"t.{m}" for m in check_metrics(metrics))
+    return (
+        f"SELECT t.host, t.gpu_index, date_part('epoch', t.ts), {cols} FROM telemetry t"
+        " WHERE t.ts > to_timestamp(%s) AND t.ts <= to_timestamp(%s) LIMIT %s"
+    )
+
+
+@dataclass(frozen=True)
+class RecentSamples:
+    """What :meth:`History.recent` read: GPUs seen, and one entry per sample."""
+
+    start: float  # the window actually read (it shrinks for large fleets)
+    identities: list[tuple[str, int, str, str]]  # (host, gpu_index, uuid, name)
+    keys: list[GpuKey]  # per sample
+    ts: np.ndarray  # float64 epoch seconds, per sample
+    values: np.ndarray  # float32 (samples, metrics), NaN where not reported
+
+
 # --------------------------------------------------------------------------- queries
 
 
@@ -223,6 +255,42 @@ class History:
             ts = arr[:, 0].copy()
             out[key] = {m: (ts, arr[:, i + 1].copy()) for i, m in enumerate(metrics)}
         return out
+
+    async def recent(
+        self,
+        now: float,
+        window_s: float,
+        metrics: Sequence[str],
+        max_samples: int = RECENT_MAX_SAMPLES,
+        chunk: int = 20_000,
+    ) -> RecentSamples:
+        """Every GPU's raw samples of the last ``window_s`` before ``now``, to refill
+        the live view after a restart.
+
+        The window shrinks so that about ``max_samples`` rows come back (a
+        1,000-GPU fleet gets its last 200 s, a 16-GPU one all 10 minutes). Rows
+        are read through a server-side cursor in chunks, yielding to the event
+        loop in between, so the window keeps painting meanwhile.
+        """
+        metrics = check_metrics(metrics)
+        start = now - window_s
+        async with self._pool.connection() as conn:
+            gpus = await (await conn.execute(RECENT_GPUS_SQL, (start, now))).fetchall()
+            if not gpus:
+                return RecentSamples(start, [], [], np.empty(0), np.empty((0, len(metrics)), np.float32))
+            start = max(start, now - max_samples / len(gpus))  # about 1 sample/s per GPU
+            rows: list[tuple[Any, ...]] = []
+            async with conn.transaction():  # a named cursor lives in a transaction
+                cur = conn.cursor("aether_recent")
+                await cur.execute(recent_sql(metrics).encode(), (start, now, max_samples))
+                while batch := await cur.fetchmany(chunk):
+                    rows += batch
+                    await asyncio.sleep(0)
+        keys = [(str(r[0]), int(r[1])) for r in rows]
+        ts = np.array([r[2] for r in rows], dtype=np.float64)
+        values = np.array([r[3:] for r in rows], dtype=np.float32).reshape(len(rows), len(metrics))
+        identities = [(str(h), int(i), str(u), str(n)) for h, i, u, n in gpus]
+        return RecentSamples(start, identities, keys, ts, values)
 
     async def export_csv(self, keys: Sequence[GpuKey], start: float, end: float, path: Path) -> int:
         """Raw samples with every metric to a CSV file; empty ``keys`` means every GPU. Returns rows."""

@@ -169,6 +169,9 @@ class JetStreamIngest:
         self._tasks: list[asyncio.Task[None]] = []
         self._stop = asyncio.Event()
         self._rows_since_rollup = 0
+        # Set once the streams held nothing unstored at some status check: what was
+        # published while the station was away is then in the database.
+        self.caught_up = asyncio.Event()
 
     @property
     def status(self) -> IngestStatus:
@@ -346,14 +349,18 @@ class JetStreamIngest:
         js = self._nc.jetstream()
         while not self._stop.is_set():
             waiting = 0
+            known = True
             for pipe in self._pipes:
                 try:
                     info = await js.consumer_info(pipe.consumer.stream, pipe.consumer.durable)
                     pipe.waiting = int(info.num_pending or 0) + int(info.num_ack_pending or 0)
                 except (TimeoutError, nats.errors.Error) as exc:
                     log.debug("consumer info for %s unavailable: %r", pipe.spec.kind, exc)
+                    known = False
                 waiting += pipe.waiting
             self._update(waiting=waiting, nats_ok=self._nc.is_connected)
+            if known and waiting == 0:
+                self.caught_up.set()
             self._check_stall()
             await self._sleep(self._status_interval_s)
 

@@ -62,7 +62,9 @@ async def test_a_job_runs_finishes_trains_the_model_and_a_dead_host_loses_its_jo
                         log=tmp_path / "agent.log")  # fmt: skip
     try:
         await until(
-            lambda: jobs.retrainer is not None and station.fleet.n_slots == 2, what="station and agent up"
+            lambda: jobs.retrainer is not None and station.fleet.n_slots == 2
+            and station.fleet.host_online("sim-01", time.time()),
+            what="station and agent up",
         )
         jobs.retrainer.policy = RetrainPolicy(sim_jobs=400)
         assert [m["version"] for m in models] == [1]

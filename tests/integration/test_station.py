@@ -10,6 +10,7 @@ import socket
 import time
 from pathlib import Path
 
+import numpy as np
 import psycopg
 import pytest
 
@@ -56,8 +57,11 @@ async def test_station_shows_a_hand_started_agent_and_stores_its_history(
     await station.start()
     agent = start_agent(nats_url, "hand-01", "--simulate", "3", "--interval", "0.5", log=tmp_path / "a.log")
     try:
-        assert await wait_for(lambda: station.fleet.n_slots == 3), (tmp_path / "a.log").read_text()
-        assert station.fleet.host_online("hand-01", time.time())
+        # (Slots may appear a moment before the first live message: the database backfill
+        # lists GPUs it has stored, shown offline until they report.)
+        assert await wait_for(
+            lambda: station.fleet.n_slots == 3 and station.fleet.host_online("hand-01", time.time())
+        ), (tmp_path / "a.log").read_text()
         assert await station.wait_db(60)
 
         async def stored() -> bool:
@@ -80,6 +84,22 @@ async def test_station_shows_a_hand_started_agent_and_stores_its_history(
     await station.stop()
     assert any(state == "connected" for state, _ in sink.connection)
     assert any(ok for ok, _, _ in sink.db)
+
+    # Restarted, with the agent gone: the live view is refilled from the database.
+    again = Station(cfg, Sink())
+    wire_services(again)
+    await again.start()
+    try:
+        assert await wait_for(lambda: again.fleet.n_slots >= 3, timeout=60)
+        rows = [again.fleet.row_of(("hand-01", i)) for i in range(3)]
+        assert None not in rows
+        temps = again.fleet.matrix("temp_c", time.time(), rows)
+        # Seconds of GPUs 0 and 2 (GPU 1 was put to sleep above and reports no temperature).
+        assert (np.isfinite(temps[[0, 2]]).sum(axis=1) >= 2).all(), np.isfinite(temps).sum(axis=1)
+        assert not again.fleet.host_online("hand-01", time.time())
+        assert np.isnan(again.fleet.latest("temp_c")[rows]).all()  # history only, no live values
+    finally:
+        await again.stop()
 
 
 async def test_station_without_database_keeps_the_live_view(nats_url: str, tmp_path: Path) -> None:

@@ -336,3 +336,25 @@ async def test_retention_deletes_only_old_rows(store: Store, pg_dsn: str) -> Non
     assert old_buckets in (2, 4)  # 50 s of samples x 2 GPUs: one or two minutes
     deleted = await hist.run_retention(raw_days=30, rollup_days=30)
     assert deleted["telemetry_1m"] == old_buckets and deleted["telemetry"] == 0
+
+
+async def test_recent_samples_for_the_live_view_shrink_with_the_fleet(store: Store) -> None:
+    now = time.time()
+    # Two hosts x 2 GPUs, one sample a second for the last 100 s; and one old host.
+    await store.write_batch([sample(h, k, now - 100 + k) for h in ("r1", "r2") for k in range(100)], [])
+    await store.write_batch([sample("gone", 0, now - 3600)], [])
+    hist = History(store.pool)
+    metrics = ("temp_c", "power_w")
+    got = await hist.recent(now, 600, metrics)
+    assert [i[:2] for i in got.identities] == [("r1", 0), ("r1", 1), ("r2", 0), ("r2", 1)]
+    assert got.identities[0][2:] == ("GPU-r1-0", "NVIDIA H100")
+    assert len(got.keys) == len(got.ts) == got.values.shape[0] == 400 and got.values.shape[1] == 2
+    k = got.keys.index(("r2", 1))
+    assert got.values[k, 1] == 101.0 and now - 101 < got.ts[k] <= now
+    # At most max_samples: a window of max_samples / GPUs seconds.
+    small = await hist.recent(now, 600, metrics, max_samples=80)
+    assert small.start == pytest.approx(now - 20) and 70 <= len(small.keys) <= 80
+    assert all(t > now - 20 for t in small.ts)
+    # Nothing recent: nothing back.
+    empty = await hist.recent(now - 7200, 600, metrics)
+    assert empty.identities == [] and empty.keys == [] and empty.values.shape == (0, 2)

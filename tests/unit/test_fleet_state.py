@@ -293,3 +293,58 @@ def test_ingest_many_counts_processes_and_names_follow_newest() -> None:
     assert f.latest("n_procs")[0] == 2.0 and f.throttle(0) == ("sw_thermal",)
     f.ingest_many([tel("a", 1, T0 + 1, [gpu(0)])], T0 + 1)
     assert np.isnan(f.latest("n_procs")[0]) and f.throttle(0) == ()
+
+
+# --------------------------------------------------------------------------- backfill from the database
+
+RING = ("temp_c", "mem_used_mib", "mem_total_mib", "util_pct", "power_w", "power_limit_w")
+
+
+def stored(keys: list[tuple[str, int]], ts: list[float], temps: list[float]) -> tuple[np.ndarray, np.ndarray]:
+    vals = np.full((len(keys), len(RING)), np.nan, dtype=np.float32)
+    vals[:, 0] = temps
+    vals[:, 2] = 80000.0
+    return np.array(ts, dtype=np.float64), vals
+
+
+def test_backfill_fills_an_empty_ring_and_shows_unheard_gpus_offline() -> None:
+    f = FleetState(history_s=60)
+    keys = [("a", 0), ("a", 0), ("a", 1)]
+    ts, vals = stored(keys, [T0 - 2.5, T0 - 1.5, T0 - 1.5], [50.0, 51.0, 60.0])
+    placed = f.backfill([("a", 0, "GPU-0", "H100"), ("a", 1, "GPU-1", "H100")], keys, ts, vals, T0)
+    assert placed == 3
+    assert f.keys() == [("a", 0), ("a", 1)] and f.names() == ["H100", "H100"] and f.uuid(1) == "GPU-1"
+    m = f.matrix("temp_c", T0)
+    np.testing.assert_allclose(m[0, -4:-2], [50.0, 51.0])  # seconds T0-3 and T0-2
+    assert m[1, -3] == 60.0 and np.isnan(m[:, -2:]).all()
+    # Only the ring: no latest values, no traffic counted, the host has not reported.
+    assert np.isnan(f.latest("temp_c")).all()
+    assert f.messages_total == 0 and f.samples_total == 0
+    assert (f.display_states(T0) == STATE_OFFLINE).all()
+    # The first live message uses the same slots and brings them online.
+    f.ingest(tel("a", 9, T0 + 0.2, [gpu(0, 70.0), gpu(1, 71.0)]), T0 + 0.3)
+    assert f.keys() == [("a", 0), ("a", 1)]
+    assert (f.display_states(T0 + 0.5) == STATE_OK).all()
+    m = f.matrix("temp_c", T0 + 0.5)
+    np.testing.assert_allclose(m[0, -4:], [50.0, 51.0, np.nan, 70.0])
+
+
+def test_backfill_never_overwrites_live_samples_and_skips_what_does_not_fit() -> None:
+    f = FleetState(history_s=10)
+    for k in range(3):
+        f.ingest(tel("a", k, T0 + k, [gpu(0, 40.0 + k)]), T0 + k)
+    keys = [("a", 0)] * 5 + [("zz", 3)]
+    # live second (kept), a gap (filled), older than the ring, newer than now, unknown GPU
+    ts, vals = stored(keys, [T0 + 1, T0 - 1, T0 - 30, T0 + 50, T0 - 2, T0 - 1], [99.0, 39.0, 1.0, 2.0, 38.0, 5.0])
+    assert f.backfill([], keys, ts, vals, T0 + 2.5) == 2
+    m = f.matrix("temp_c", T0 + 2.5)
+    np.testing.assert_allclose(m[0, -5:], [38.0, 39.0, 40.0, 41.0, 42.0])
+    assert f.keys() == [("a", 0)]
+    assert f.latest("temp_c")[0] == 42.0
+
+
+def test_backfill_with_nothing_stored_changes_nothing() -> None:
+    f = FleetState(history_s=10)
+    v = f.version
+    assert f.backfill([], [], np.empty(0), np.empty((0, len(RING)), np.float32), T0) == 0
+    assert f.version == v and f.n_slots == 0
