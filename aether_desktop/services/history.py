@@ -3,7 +3,8 @@
 Plots never receive more points than they can draw: every query is decimated
 server-side into about ``max_points`` buckets per GPU (bucket averages).
 Short ranges read the raw ``telemetry`` table; long ones read the one-minute
-rollups in ``telemetry_1m``, which an incremental refresh keeps current.
+rollups in ``telemetry_1m``, which an incremental refresh keeps current
+to about a minute (a minute is rolled up once it has ended).
 
 Metric names are the protocol's field names, checked against a whitelist;
 user strings never reach SQL text, only the fixed column names they map to.
@@ -38,6 +39,7 @@ MIN_MAX_METRICS = ("temp_c", "mem_used_mib", "util_pct", "power_w")
 RAW_MAX_SPAN_S = 2 * 3600.0
 RAW_MAX_ROWS = 200_000
 ROLLUP_S = 60.0
+ROLLUP_SETTLE_S = 5.0  # a minute is rolled up this long after it ended
 DIRTY_CHUNK = 5000
 RETENTION_CHUNK = 20_000
 
@@ -106,8 +108,13 @@ def rollup_range_sql() -> str:
 
 # SKIP LOCKED: markers an in-flight ingest batch holds are left for the next
 # refresh (that batch re-marks them anyway), so a refresh never waits on ingest.
+# Only minutes that ended at least ROLLUP_SETTLE_S ago: a minute still filling
+# would be recomputed from all its rows at every refresh (every 5 s, six
+# times the rows written); settled, each row is read about once. A sample
+# arriving later (an agent's buffer) marks its minute again.
 TAKE_DIRTY_SQL = """DELETE FROM rollup_dirty WHERE (host, gpu_index, bucket) IN (
-    SELECT host, gpu_index, bucket FROM rollup_dirty ORDER BY bucket LIMIT %s FOR UPDATE SKIP LOCKED)
+    SELECT host, gpu_index, bucket FROM rollup_dirty WHERE bucket < to_timestamp(%s)
+    ORDER BY bucket LIMIT %s FOR UPDATE SKIP LOCKED)
 RETURNING host, gpu_index, bucket"""
 
 
@@ -310,13 +317,18 @@ class History:
         tmp.replace(path)  # never leave a half-written file under the final name
         return rows
 
-    async def refresh_rollups(self, since: float | None = None) -> int:
+    async def refresh_rollups(
+        self, since: float | None = None, *, now: float | None = None, settle_s: float = ROLLUP_SETTLE_S
+    ) -> int:
         """Bring ``telemetry_1m`` up to date; returns the minute buckets recomputed.
 
-        Without ``since``: only the buckets ingest marked dirty (cheap, run it
-        often). With ``since``: every bucket from that time on (a rebuild).
-        Idempotent either way: buckets are recomputed from raw rows and upserted.
+        Without ``since``: only the buckets ingest marked dirty whose minute
+        ended ``settle_s`` before ``now`` (cheap, run it often; so rollups
+        trail raw data by about a minute). With ``since``: every bucket from
+        that time on (a rebuild). Idempotent either way: buckets are
+        recomputed from raw rows and upserted.
         """
+        cutoff = (time.time() if now is None else now) - ROLLUP_S - settle_s
         done = 0
         async with self._pool.connection() as conn:
             if since is not None:
@@ -329,7 +341,7 @@ class History:
                     done += max(cur.rowcount, 0)
             while True:
                 async with conn.transaction():
-                    cur = await conn.execute(TAKE_DIRTY_SQL, (DIRTY_CHUNK,))
+                    cur = await conn.execute(TAKE_DIRTY_SQL, (cutoff, DIRTY_CHUNK))
                     dirty = await cur.fetchall()
                     if dirty:
                         # A second statement, so its snapshot includes every

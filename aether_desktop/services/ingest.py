@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import math
 import time
 from collections.abc import Awaitable, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -39,7 +40,7 @@ import psycopg
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
-from aether_desktop.services.history import History
+from aether_desktop.services.history import ROLLUP_S, ROLLUP_SETTLE_S, History
 from aether_desktop.services.ingest_streams import IngestStatus as IngestStatus
 from aether_desktop.services.ingest_streams import RejectCounter as RejectCounter
 from aether_desktop.services.ingest_streams import StatusCallback as StatusCallback
@@ -169,6 +170,7 @@ class JetStreamIngest:
         self._tasks: list[asyncio.Task[None]] = []
         self._stop = asyncio.Event()
         self._rows_since_rollup = 0
+        self._last_rows_at = -math.inf
         # Set once the streams held nothing unstored at some status check: what was
         # published while the station was away is then in the database.
         self.caught_up = asyncio.Event()
@@ -313,7 +315,9 @@ class JetStreamIngest:
 
     async def _write(self, prepared: PreparedBatch) -> None:
         res = await self._store.write_prepared(prepared)
-        self._rows_since_rollup += res.telemetry_rows
+        if res.telemetry_rows:
+            self._rows_since_rollup += res.telemetry_rows
+            self._last_rows_at = time.monotonic()
         s = self._status
         self._update(
             db_ok=True,
@@ -384,9 +388,12 @@ class JetStreamIngest:
     async def _rollup_loop(self) -> None:
         assert self._rollup_interval_s is not None
         history = History(self._store.pool)
+        # Minutes settle ROLLUP_SETTLE_S after they end: keep refreshing that long
+        # after the last rows, so the last minute gets rolled up too.
+        linger_s = ROLLUP_S + ROLLUP_SETTLE_S + self._rollup_interval_s
         while not self._stop.is_set():
             await self._sleep(self._rollup_interval_s)
-            if self._rows_since_rollup == 0:
+            if self._rows_since_rollup == 0 and time.monotonic() - self._last_rows_at > linger_s:
                 continue
             written = self._rows_since_rollup
             try:

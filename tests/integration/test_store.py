@@ -358,3 +358,19 @@ async def test_recent_samples_for_the_live_view_shrink_with_the_fleet(store: Sto
     # Nothing recent: nothing back.
     empty = await hist.recent(now - 7200, 600, metrics)
     assert empty.identities == [] and empty.keys == [] and empty.values.shape == (0, 2)
+
+
+async def test_rollups_wait_for_a_minute_to_settle(store: Store, pg_dsn: str) -> None:
+    now = time.time()
+    minute = (now // 60) * 60
+    await store.write_batch([sample("live", k, minute + k) for k in range(3)], [])
+    hist = History(store.pool)
+    # The current minute is still filling: recomputing it now would be wasted work.
+    assert await hist.refresh_rollups(now=minute + 59) == 0
+    assert await scalar(pg_dsn, "SELECT count(*) FROM rollup_dirty") == 2
+    assert await hist.refresh_rollups(now=minute + 66) == 2  # 2 GPUs, once the minute settled
+    assert await scalar(pg_dsn, "SELECT sum(n) FROM telemetry_1m WHERE host = 'live'") == 6
+    # A late sample (an agent's buffer) marks its minute again.
+    await store.write_batch([sample("live", 9, minute + 9)], [])
+    assert await hist.refresh_rollups(now=minute + 70) == 2
+    assert await scalar(pg_dsn, "SELECT sum(n) FROM telemetry_1m WHERE host = 'live'") == 8
