@@ -19,7 +19,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from psycopg import AsyncConnection
@@ -286,18 +285,22 @@ class History:
             if not gpus:
                 return RecentSamples(start, [], [], np.empty(0), np.empty((0, len(metrics)), np.float32))
             start = max(start, now - max_samples / len(gpus))  # about 1 sample/s per GPU
-            rows: list[tuple[Any, ...]] = []
+            keys: list[GpuKey] = []
+            ts_parts: list[np.ndarray] = []
+            value_parts: list[np.ndarray] = []
             async with conn.transaction():  # a named cursor lives in a transaction
                 cur = conn.cursor("aether_recent")
                 await cur.execute(recent_sql(metrics).encode(), (start, now, max_samples))
-                while batch := await cur.fetchmany(chunk):
-                    rows += batch
+                # Converted chunk by chunk: no single step holds the loop for long.
+                while rows := await cur.fetchmany(chunk):
+                    keys += [(r[0], r[1]) for r in rows]
+                    ts_parts.append(np.array([r[2] for r in rows], dtype=np.float64))
+                    value_parts.append(np.array([r[3:] for r in rows], dtype=np.float32).reshape(len(rows), -1))
                     await asyncio.sleep(0)
-        keys = [(str(r[0]), int(r[1])) for r in rows]
-        ts = np.array([r[2] for r in rows], dtype=np.float64)
-        values = np.array([r[3:] for r in rows], dtype=np.float32).reshape(len(rows), len(metrics))
         identities = [(str(h), int(i), str(u), str(n)) for h, i, u, n in gpus]
-        return RecentSamples(start, identities, keys, ts, values)
+        if not keys:
+            return RecentSamples(start, identities, [], np.empty(0), np.empty((0, len(metrics)), np.float32))
+        return RecentSamples(start, identities, keys, np.concatenate(ts_parts), np.concatenate(value_parts))
 
     async def export_csv(self, keys: Sequence[GpuKey], start: float, end: float, path: Path) -> int:
         """Raw samples with every metric to a CSV file; empty ``keys`` means every GPU. Returns rows."""
