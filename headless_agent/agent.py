@@ -27,7 +27,7 @@ from nats.errors import TimeoutError as NatsTimeout
 from nats.js.errors import NotFoundError as StreamNotFound
 from nats.js.errors import ServiceUnavailableError as JsUnavailable
 
-from aether_protocol import PROTOCOL_VERSION, Event, GpuSample, Telemetry, encode
+from aether_protocol import PROTOCOL_VERSION, Event, GpuSample, Telemetry, command_id_and_op, encode, reply
 from aether_protocol import subjects as subj
 from aether_protocol.connection import NatsSettings, connect_kwargs
 from headless_agent.backend import GpuBackend
@@ -42,6 +42,7 @@ STORED_RECHECK_S = 10.0  # how often the agent asks again whether a stream store
 STORED_RETRY_S = 1.0  # sooner when the last answer was not an answer (timeout, JetStream busy)
 STOP_DRAIN_S = 3.0  # at stop, how long buffered messages may take to go out
 NATS_CLOSE_S = 5.0
+MAX_COMMANDS_IN_FLIGHT = 64  # more are refused with ok:false until some finish
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,7 @@ class Agent:
         self._connector: asyncio.Future[None] | None = None
         # Set by stop and by a reconnect: cuts a back-off wait short.
         self._retry_now = asyncio.Event()
+        self._command_tasks: set[asyncio.Future[None]] = set()
         simulated_jobs = hasattr(backend, "start_job")
         use_process = config.jobs_mode == "process" or (config.jobs_mode == "auto" and not simulated_jobs)
         runner = ProcessJobRunner(config.policy, backend.gpu_count()) if use_process else None
@@ -261,8 +263,24 @@ class Agent:
         log.warning("NATS error: %s", exc)
 
     async def _on_command(self, msg: Msg) -> None:
+        # nats-py runs a subscription's callbacks one after another: answering in a
+        # task keeps a ping from waiting behind a sleep that hangs on a sick GPU
+        # (CommandHandler keeps control commands in order). Bounded: a flood of
+        # requests is refused, not queued without end.
+        if len(self._command_tasks) >= MAX_COMMANDS_IN_FLIGHT:
+            cmd_id, _ = command_id_and_op(msg.data)
+            log.warning("refusing a command: %d already in flight", len(self._command_tasks))
+            await self._respond(msg, reply(cmd_id, False, f"agent busy: {len(self._command_tasks)} commands in flight"))
+            return
+        task = asyncio.ensure_future(self._answer(msg))
+        self._command_tasks.add(task)
+        task.add_done_callback(self._command_tasks.discard)
+
+    async def _answer(self, msg: Msg) -> None:
         # handle() answers every request itself, also when the backend fails in an unexpected way.
-        answer = await self.commands.handle(msg.data)
+        await self._respond(msg, await self.commands.handle(msg.data))
+
+    async def _respond(self, msg: Msg, answer: bytes) -> None:
         if msg.reply:
             try:
                 await msg.respond(answer)
@@ -350,6 +368,8 @@ class Agent:
 
     async def _shutdown(self, sender: asyncio.Future[None]) -> None:
         log.info("stopping: cancelling jobs, publishing agent_stopping")
+        if self._command_tasks:  # let commands in progress answer (a control call may be slow)
+            await asyncio.wait(list(self._command_tasks), timeout=STOP_DRAIN_S)
         if self.runner is not None:
             await self.runner.stop_all()
         with contextlib.suppress(Exception):

@@ -40,6 +40,9 @@ EmitFn = Callable[..., None]
 # to spare: a reply that cannot be sent leaves the requester waiting for its timeout.
 MAX_REPLY_BYTES = 512 * 1024
 
+# Read-only commands: never queued behind a control command.
+_QUERIES = (PingCmd, JobLogCmd)
+
 
 class CommandHandler:
     def __init__(
@@ -61,6 +64,11 @@ class CommandHandler:
         self.rejects = RejectCounter("command")
         self.max_reply_bytes = max_reply_bytes
         self._sim_jobs: dict[str, tuple[int, ...]] = {}
+        # Commands that change GPUs or jobs run one at a time, in arrival order
+        # (a wake sent right after a sleep must not overtake it); queries
+        # (ping, job_log) answer at once, also while a control call hangs on a
+        # sick GPU. asyncio.Lock wakes its waiters first come, first served.
+        self._control = asyncio.Lock()
 
     async def handle(self, data: bytes) -> bytes:
         try:
@@ -70,7 +78,11 @@ class CommandHandler:
             cmd_id, _ = command_id_and_op(data)
             return reply(cmd_id, False, f"malformed request ({exc.reason}): {exc.detail[:200]}")
         try:
-            result = await self._execute(cmd)
+            if isinstance(cmd, _QUERIES):
+                result = await self._execute(cmd)
+            else:
+                async with self._control:
+                    result = await self._execute(cmd)
         except BackendError as exc:
             log.info("command %s %s refused: %s", type(cmd).__name__, cmd.id, exc)
             return reply(cmd.id, False, str(exc))

@@ -384,3 +384,40 @@ async def test_planted_log_symlink_is_not_followed(tmp_path: Path) -> None:
 def test_jobs_do_not_inherit_the_agents_nats_secrets() -> None:
     env = job_environment(job(), base={"HOME": "/root", "AETHER_NATS_PASSWORD": "s3cret", "AETHER_NATS": "x"})
     assert "AETHER_NATS_PASSWORD" not in env and "AETHER_NATS" not in env and env["HOME"] == "/root"
+
+
+class FakeMsg:
+    def __init__(self, data: dict[str, Any]) -> None:
+        self.data = json.dumps(data).encode()
+        self.reply = "_INBOX.x"
+        self.answers: list[Any] = []
+
+    async def respond(self, payload: bytes) -> None:
+        self.answers.append(decode_reply(payload))
+
+
+async def test_commands_are_answered_concurrently_and_a_flood_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    monkeypatch.setattr(agent_mod, "MAX_COMMANDS_IN_FLIGHT", 2)
+    backend = SimulatedBackend(2, seed=1, background_load=False)
+    backend.read(1000.0)
+    release = threading.Event()
+    backend.sleep = lambda gpus: release.wait(10)  # type: ignore[method-assign]
+    agent = make_agent(backend)
+    sleep = FakeMsg({"v": 1, "id": "s", "op": "sleep", "gpus": [0]})
+    ping = FakeMsg({"v": 1, "id": "p", "op": "ping"})
+    extra = FakeMsg({"v": 1, "id": "x", "op": "wake", "gpus": [0]})
+    # The subscription callback returns at once; nats-py would otherwise hold the next message.
+    await asyncio.wait_for(agent._on_command(sleep), 1)  # type: ignore[arg-type]
+    await asyncio.wait_for(agent._on_command(ping), 1)  # type: ignore[arg-type]
+    assert await until(lambda: bool(ping.answers))
+    assert ping.answers[0].ok and ping.answers[0].data["host"] == "h1" and not sleep.answers
+    # Two in flight would be the limit: with the sleep and one more held, the next is refused.
+    held = FakeMsg({"v": 1, "id": "w", "op": "wake", "gpus": [1]})
+    await agent._on_command(held)  # type: ignore[arg-type]
+    await agent._on_command(extra)  # type: ignore[arg-type]
+    assert extra.answers and not extra.answers[0].ok and "busy" in (extra.answers[0].error or "")
+    release.set()
+    assert await until(lambda: bool(sleep.answers) and bool(held.answers))
+    assert sleep.answers[0].ok and held.answers[0].ok

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -181,6 +182,34 @@ async def test_sleep_wake_power_limit_and_events() -> None:
     ok, err, _ = await ask(h, {"v": 1, "id": "c4", "op": "set_power_limit", "gpus": [0], "watts": 5})
     assert not ok and err
     assert (await ask(h, {"v": 1, "id": "c5", "op": "set_power_limit", "gpus": [0], "watts": 300}))[0]
+
+
+async def test_ping_answers_while_a_sleep_hangs_and_control_commands_keep_their_order() -> None:
+    h, events = make_handler()
+    release = threading.Event()
+    calls: list[str] = []
+    sleep, wake = h.backend.sleep, h.backend.wake
+
+    def hung_sleep(gpus: list[int] | None) -> None:  # NVML stuck on a sick GPU
+        calls.append("sleep")
+        release.wait(10)
+        sleep(gpus)
+
+    def quick_wake(gpus: list[int] | None) -> None:
+        calls.append("wake")
+        wake(gpus)
+
+    h.backend.sleep, h.backend.wake = hung_sleep, quick_wake  # type: ignore[method-assign]
+    sleeping = asyncio.ensure_future(ask(h, {"v": 1, "id": "s", "op": "sleep", "gpus": [1]}))
+    waking = asyncio.ensure_future(ask(h, {"v": 1, "id": "w", "op": "wake", "gpus": [1]}))
+    await asyncio.sleep(0.05)
+    ok, _, data = await asyncio.wait_for(ask(h, {"v": 1, "id": "p", "op": "ping"}), 2)
+    assert ok and data == {"host": "h"} and not sleeping.done() and not waking.done()
+    assert calls == ["sleep"]  # the wake waits for the sleep sent before it
+    release.set()
+    assert (await sleeping)[0] and (await waking)[0]
+    assert calls == ["sleep", "wake"] and [k for k, _ in events[-2:]] == ["sleep", "wake"]
+    assert h.backend.read(1001.0)[1].state == "ok"
 
 
 async def test_simulated_job_lifecycle_and_refusals() -> None:
