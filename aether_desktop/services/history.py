@@ -38,7 +38,8 @@ MIN_MAX_METRICS = ("temp_c", "mem_used_mib", "util_pct", "power_w")
 RAW_MAX_SPAN_S = 2 * 3600.0
 RAW_MAX_ROWS = 200_000
 ROLLUP_S = 60.0
-ROLLUP_SETTLE_S = 5.0  # a minute is rolled up this long after it ended
+ROLLUP_QUIET_S = 5.0  # a minute is rolled up once no rows came for it for this long
+ROLLUP_MAX_WAIT_S = 120.0  # ... or once it waited this long
 DIRTY_CHUNK = 5000
 RETENTION_CHUNK = 20_000
 
@@ -86,10 +87,16 @@ def _rollup_upsert(select_from: str, bucket_expr: str, group_by: str) -> str:
 
 
 def rollup_buckets_sql() -> str:
-    """Recompute the given (host, gpu_index, bucket) minutes from raw rows."""
+    """Recompute the given (host, bucket) minutes of every GPU of the host from raw rows.
+
+    The host's GPUs come from the inventory (a GPU's first rows and its
+    inventory row are written together), so each one is an index range scan
+    on (host, gpu_index, ts) on any PostgreSQL version.
+    """
     return _rollup_upsert(
-        "FROM unnest(%s::text[], %s::int4[], %s::timestamptz[]) AS d(host, gpu_index, bucket) "
-        "JOIN telemetry t ON t.host = d.host AND t.gpu_index = d.gpu_index "
+        "FROM unnest(%s::text[], %s::timestamptz[]) AS d(host, bucket) "
+        "JOIN gpus g ON g.host = d.host "
+        "JOIN telemetry t ON t.host = d.host AND t.gpu_index = g.gpu_index "
         "AND t.ts >= d.bucket AND t.ts < d.bucket + interval '1 minute'",
         "d.bucket",
         "t.host, t.gpu_index, d.bucket",
@@ -107,14 +114,17 @@ def rollup_range_sql() -> str:
 
 # SKIP LOCKED: markers an in-flight ingest batch holds are left for the next
 # refresh (that batch re-marks them anyway), so a refresh never waits on ingest.
-# Only minutes that ended at least ROLLUP_SETTLE_S ago: a minute still filling
-# would be recomputed from all its rows at every refresh (every 5 s, six
-# times the rows written); settled, each row is read about once. A sample
-# arriving later (an agent's buffer) marks its minute again.
-TAKE_DIRTY_SQL = """DELETE FROM rollup_dirty WHERE (host, gpu_index, bucket) IN (
-    SELECT host, gpu_index, bucket FROM rollup_dirty WHERE bucket < to_timestamp(%s)
+# A marker is taken once its minute has been quiet for ROLLUP_QUIET_S (no batch
+# touched it: the minute ended, or its host stopped), or once it has waited
+# ROLLUP_MAX_WAIT_S. Recomputing a minute that is still filling at every refresh
+# (every 5 s) read about six times the rows written; quiet, each row is read
+# about once. A sample that arrives later (an agent's buffer) marks its minute
+# again. Database clock only: agents' clocks play no part.
+TAKE_DIRTY_SQL = """DELETE FROM rollup_dirty WHERE (host, bucket) IN (
+    SELECT host, bucket FROM rollup_dirty
+    WHERE touched_at < now() - make_interval(secs => %s) OR dirty_since < now() - make_interval(secs => %s)
     ORDER BY bucket LIMIT %s FOR UPDATE SKIP LOCKED)
-RETURNING host, gpu_index, bucket"""
+RETURNING host, bucket"""
 
 
 def fetch_sql(metrics: Sequence[str], rollup: bool) -> str:
@@ -321,17 +331,20 @@ class History:
         return rows
 
     async def refresh_rollups(
-        self, since: float | None = None, *, now: float | None = None, settle_s: float = ROLLUP_SETTLE_S
+        self,
+        since: float | None = None,
+        *,
+        quiet_s: float = ROLLUP_QUIET_S,
+        max_wait_s: float = ROLLUP_MAX_WAIT_S,
     ) -> int:
-        """Bring ``telemetry_1m`` up to date; returns the minute buckets recomputed.
+        """Bring ``telemetry_1m`` up to date; returns the GPU-minutes recomputed.
 
-        Without ``since``: only the buckets ingest marked dirty whose minute
-        ended ``settle_s`` before ``now`` (cheap, run it often; so rollups
-        trail raw data by about a minute). With ``since``: every bucket from
-        that time on (a rebuild). Idempotent either way: buckets are
-        recomputed from raw rows and upserted.
+        Without ``since``: only the host-minutes ingest marked dirty that have
+        been quiet for ``quiet_s`` or waited ``max_wait_s`` (cheap, run it
+        often; rollups trail raw data by about a minute). With ``since``: every
+        minute from that time on (a rebuild). Idempotent either way: minutes
+        are recomputed from raw rows and upserted.
         """
-        cutoff = (time.time() if now is None else now) - ROLLUP_S - settle_s
         done = 0
         async with self._pool.connection() as conn:
             if since is not None:
@@ -344,16 +357,15 @@ class History:
                     done += max(cur.rowcount, 0)
             while True:
                 async with conn.transaction():
-                    cur = await conn.execute(TAKE_DIRTY_SQL, (cutoff, DIRTY_CHUNK))
+                    cur = await conn.execute(TAKE_DIRTY_SQL, (quiet_s, max_wait_s, DIRTY_CHUNK))
                     dirty = await cur.fetchall()
                     if dirty:
                         # A second statement, so its snapshot includes every
                         # batch that committed while the markers were taken.
-                        await conn.execute(
-                            rollup_buckets_sql().encode(),
-                            ([d[0] for d in dirty], [d[1] for d in dirty], [d[2] for d in dirty]),
+                        cur = await conn.execute(
+                            rollup_buckets_sql().encode(), ([d[0] for d in dirty], [d[1] for d in dirty])
                         )
-                done += len(dirty)
+                        done += max(cur.rowcount, 0)
                 if len(dirty) < DIRTY_CHUNK:
                     return done
 

@@ -40,7 +40,7 @@ import psycopg
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
-from aether_desktop.services.history import ROLLUP_S, ROLLUP_SETTLE_S, History
+from aether_desktop.services.history import ROLLUP_MAX_WAIT_S, ROLLUP_QUIET_S, History
 from aether_desktop.services.ingest_streams import IngestStatus as IngestStatus
 from aether_desktop.services.ingest_streams import RejectCounter as RejectCounter
 from aether_desktop.services.ingest_streams import StatusCallback as StatusCallback
@@ -388,9 +388,9 @@ class JetStreamIngest:
     async def _rollup_loop(self) -> None:
         assert self._rollup_interval_s is not None
         history = History(self._store.pool)
-        # Minutes settle ROLLUP_SETTLE_S after they end: keep refreshing that long
-        # after the last rows, so the last minute gets rolled up too.
-        linger_s = ROLLUP_S + ROLLUP_SETTLE_S + self._rollup_interval_s
+        # A minute is taken once quiet (or after waiting too long): keep refreshing that
+        # long after the last rows, so the last minute gets rolled up too.
+        linger_s = ROLLUP_MAX_WAIT_S + ROLLUP_QUIET_S + self._rollup_interval_s
         while not self._stop.is_set():
             await self._sleep(self._rollup_interval_s)
             if self._rows_since_rollup == 0 and time.monotonic() - self._last_rows_at > linger_s:

@@ -39,6 +39,7 @@ from aether_desktop.services.store_sql import (
     UPSERT_GPUS_SQL,
     UPSERT_HOSTS_SQL,
     Column,
+    InventoryCache,
     PreparedBatch,
     TelemetryBatch,
     copy_types,
@@ -223,6 +224,7 @@ class Store:
         self._ts_retention_days = timescale_raw_retention_days
         self._pool: AsyncConnectionPool | None = None
         self._hooks: list[EventHook] = []
+        self._inventory = InventoryCache()
         self.timescaledb = False
         self.migrations_applied: list[int] = []
 
@@ -313,6 +315,8 @@ class Store:
     ) -> WriteResult:
         tel_new = 0
         new_events: list[Event] = []
+        hosts: list[str] = []
+        gpus: list[tuple[str, int]] = []
         async with conn.transaction():
             cur = conn.cursor()
             if tb.rows:
@@ -325,10 +329,15 @@ class Store:
                     tel_new = max(cur.rowcount, 0)
                 # One round trip for the three (pipeline mode). They still run
                 # in this order, over sorted keys, so concurrent writers take
-                # the inventory's row locks in the same order.
+                # the inventory's row locks in the same order. Inventory rows
+                # go only when they change something (InventoryCache).
+                hosts = self._inventory.hosts_to_send(tb)
+                gpus = self._inventory.gpus_to_send(tb)
                 async with conn.pipeline():
-                    await cur.execute(UPSERT_HOSTS_SQL, tb.host_params())
-                    await cur.execute(UPSERT_GPUS_SQL, tb.gpu_params())
+                    if hosts:
+                        await cur.execute(UPSERT_HOSTS_SQL, tb.host_params(hosts))
+                    if gpus:
+                        await cur.execute(UPSERT_GPUS_SQL, tb.gpu_params(gpus))
                     await cur.execute(MARK_DIRTY_SQL, tb.dirty_params())
             if ev_rows:
                 await _copy_rows(cur, COPY_STAGE_EVENTS, EVENT_COLUMNS, ev_rows)
@@ -338,6 +347,8 @@ class Store:
                 if new_events:
                     for hook in self._hooks:
                         await hook(conn, new_events)
+        if tb.rows:
+            self._inventory.committed(tb, hosts, gpus)
         return WriteResult(
             telemetry_rows=tel_new,
             telemetry_duplicates=len(tb.rows) - tel_new,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgspec
 
@@ -157,9 +158,10 @@ ON CONFLICT (host, gpu_index) DO UPDATE SET
 # DO UPDATE (not DO NOTHING) on purpose: it row-locks the dirty marker until
 # this batch commits, so a concurrent rollup refresh that deletes the marker
 # waits for the batch and then aggregates with a snapshot that includes it.
-MARK_DIRTY_SQL = """INSERT INTO rollup_dirty (host, gpu_index, bucket)
-SELECT h, i, to_timestamp(b) FROM unnest(%s::text[], %s::int4[], %s::float8[]) AS d(h, i, b)
-ON CONFLICT (host, gpu_index, bucket) DO UPDATE SET touched_at = EXCLUDED.touched_at"""
+# One marker per host-minute (migration 007).
+MARK_DIRTY_SQL = """INSERT INTO rollup_dirty (host, bucket)
+SELECT h, to_timestamp(b) FROM unnest(%s::text[], %s::float8[]) AS d(h, b)
+ON CONFLICT (host, bucket) DO UPDATE SET touched_at = EXCLUDED.touched_at"""
 
 
 # --------------------------------------------------------------------------- binary encoding
@@ -224,12 +226,12 @@ class TelemetryBatch:
 
     rows: list[tuple[object, ...]] = field(default_factory=list)
     # host -> [first_ts, last_ts, boot at last_ts]
-    hosts: dict[str, list[object]] = field(default_factory=dict)
+    hosts: dict[str, list[Any]] = field(default_factory=dict)
     # host -> index -> [uuid, name, mem_total_mib, first_ts, last_ts]; by host
     # first, so the hot loop looks a GPU up by its int index, no key tuple.
-    host_gpus: dict[str, dict[int, list[object]]] = field(default_factory=dict)
-    # (host, bucket start s) -> indexes seen: one set lookup per message
-    dirty_buckets: dict[tuple[str, int], set[int]] = field(default_factory=dict)
+    host_gpus: dict[str, dict[int, list[Any]]] = field(default_factory=dict)
+    # (host, bucket start s) touched: one set add per message
+    dirty_buckets: set[tuple[str, int]] = field(default_factory=set)
     processes: int = 0  # process entries in the rows' arrays
 
     @property
@@ -238,18 +240,20 @@ class TelemetryBatch:
         return {(h, i): inv for h, by_index in self.host_gpus.items() for i, inv in by_index.items()}
 
     @property
-    def dirty(self) -> set[tuple[str, int, int]]:
-        """(host, index, bucket start s) touched by the batch."""
-        return {(h, i, b) for (h, b), indexes in self.dirty_buckets.items() for i in indexes}
+    def dirty(self) -> set[tuple[str, int]]:
+        """(host, bucket start s) touched by the batch."""
+        return set(self.dirty_buckets)
 
-    def host_params(self) -> tuple[list[object], ...]:
-        keys = sorted(self.hosts)  # fixed order: concurrent upserts lock rows alike, no deadlock
+    def host_params(self, keys: Sequence[str] | None = None) -> tuple[list[object], ...]:
+        """UNNEST parameters for UPSERT_HOSTS_SQL: every host of the batch, or ``keys``."""
+        keys = sorted(self.hosts if keys is None else keys)  # fixed order: no deadlock between writers
         v = [self.hosts[k] for k in keys]
         return (list(keys), [x[0] for x in v], [x[1] for x in v], [x[2] for x in v])
 
-    def gpu_params(self) -> tuple[list[object], ...]:
+    def gpu_params(self, keys: Sequence[tuple[str, int]] | None = None) -> tuple[list[object], ...]:
+        """UNNEST parameters for UPSERT_GPUS_SQL: every GPU of the batch, or ``keys``."""
         gpus = self.gpus
-        keys = sorted(gpus)
+        keys = sorted(gpus if keys is None else keys)
         v = [gpus[k] for k in keys]
         return (
             [k[0] for k in keys],
@@ -262,8 +266,93 @@ class TelemetryBatch:
         )
 
     def dirty_params(self) -> tuple[list[object], ...]:
-        keys = sorted(self.dirty)
-        return ([k[0] for k in keys], [k[1] for k in keys], [float(k[2]) for k in keys])
+        keys = sorted(self.dirty_buckets)
+        return ([k[0] for k in keys], [float(k[1]) for k in keys])
+
+
+# An inventory row whose identity did not change is upserted again only when its
+# last_seen would move by more than this (so hosts.last_seen / gpus.last_seen are
+# exact to this many seconds).
+INVENTORY_REFRESH_S = 10.0
+
+
+class InventoryCache:
+    """What the inventory tables are known to hold, so a batch upserts only what changes.
+
+    Without it every batch upserted one ``gpus`` row per GPU it carried: for a
+    fleet of thousands of hosts sending one message a second, as many row
+    updates as telemetry rows, and most of the ingest's cost. A row is sent
+    when it is new, its identity (boot; uuid, name, memory) changed, the batch
+    reaches further back than first_seen, or last_seen would move by more
+    than ``refresh_s``. :meth:`committed` records what a committed batch sent;
+    a rolled-back one changes nothing, and every upsert stays idempotent, so
+    concurrent writers (or stations) may still send the same row twice.
+    """
+
+    def __init__(self, refresh_s: float = INVENTORY_REFRESH_S) -> None:
+        self.refresh_s = refresh_s
+        self._hosts: dict[str, tuple[float, float, str]] = {}  # first, last, boot
+        # (first, last, uuid, name, mem_total_mib)
+        self._gpus: dict[tuple[str, int], tuple[float, float, Any, Any, Any]] = {}
+
+    def hosts_to_send(self, b: TelemetryBatch) -> list[str]:
+        out = []
+        for host, (first, last, boot) in b.hosts.items():
+            known = self._hosts.get(host)
+            if (
+                known is None
+                or first < known[0]
+                or last > known[1] + self.refresh_s
+                or (boot != known[2] and last >= known[1])
+            ):
+                out.append(host)
+        return out
+
+    def gpus_to_send(self, b: TelemetryBatch) -> list[tuple[str, int]]:
+        out = []
+        gpus = self._gpus
+        refresh = self.refresh_s
+        for host, by_index in b.host_gpus.items():
+            for index, (uuid, name, mem, first, last) in by_index.items():
+                known = gpus.get((host, index))
+                if (
+                    known is None
+                    or first < known[0]
+                    or last > known[1] + refresh
+                    or (last >= known[1] and (uuid != known[2] or name != known[3]
+                                              or (mem is not None and mem != known[4])))
+                ):
+                    out.append((host, index))
+        return out
+
+    def committed(self, b: TelemetryBatch, hosts: Sequence[str], gpus: Sequence[tuple[str, int]]) -> None:
+        """Record what a committed batch upserted (merged as the upsert SQL merges it)."""
+        for host in hosts:
+            first, last, boot = b.hosts[host]
+            known = self._hosts.get(host)
+            if known is None:
+                self._hosts[host] = (first, last, boot)
+            else:
+                newer = last >= known[1]
+                self._hosts[host] = (
+                    min(known[0], first),
+                    max(known[1], last),
+                    boot if newer else known[2],
+                )
+        for key in gpus:
+            uuid, name, mem, first, last = b.host_gpus[key[0]][key[1]]
+            g = self._gpus.get(key)
+            if g is None:
+                self._gpus[key] = (first, last, uuid, name, mem)
+            elif last >= g[1]:
+                self._gpus[key] = (min(g[0], first), last, uuid, name, mem if mem is not None else g[4])
+            else:
+                self._gpus[key] = (min(g[0], first), g[1], g[2], g[3], g[4])
+
+    def clear(self) -> None:
+        """Forget everything (e.g. after the database may have been replaced)."""
+        self._hosts.clear()
+        self._gpus.clear()
 
 
 def build_telemetry_batch(
@@ -294,16 +383,12 @@ def build_telemetry_batch(
             gpus = host_gpus[host] = {}
         else:
             gpus = host_gpus[host]
-            if ts < h[0]:  # type: ignore[operator]
+            if ts < h[0]:
                 h[0] = ts
-            if ts >= h[1]:  # type: ignore[operator]
+            if ts >= h[1]:
                 h[1] = ts
                 h[2] = boot
-        hb = (host, int(ts // ROLLUP_BUCKET_S) * ROLLUP_BUCKET_S)
-        dirty = dirty_buckets.get(hb)
-        if dirty is None:
-            dirty = dirty_buckets[hb] = set()
-        dirty_add = dirty.add
+        dirty_buckets.add((host, int(ts // ROLLUP_BUCKET_S) * ROLLUP_BUCKET_S))
         for g in t.gpus:
             idx = g.index
             th = g.throttle
@@ -336,13 +421,12 @@ def build_telemetry_batch(
             if inv is None:
                 gpus[idx] = [g.uuid, g.name, g.mem_total_mib, ts, ts]
             else:
-                if ts < inv[3]:  # type: ignore[operator]
+                if ts < inv[3]:
                     inv[3] = ts
-                if ts >= inv[4]:  # type: ignore[operator]
+                if ts >= inv[4]:
                     inv[0], inv[1], inv[4] = g.uuid, g.name, ts
                     if g.mem_total_mib is not None:
                         inv[2] = g.mem_total_mib
-            dirty_add(idx)
     b.processes += n_procs
     return b
 

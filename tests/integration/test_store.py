@@ -135,6 +135,23 @@ async def test_upgrade_to_006_moves_processes_into_telemetry(pg_dsn: str, tmp_pa
         assert await cur.fetchall() == [(10, "a"), (20, "b")]
 
 
+async def test_upgrade_to_007_keeps_pending_rollup_markers_per_host(pg_dsn: str, tmp_path: Path) -> None:
+    old = tmp_path / "old"
+    old.mkdir()
+    for p in MIGRATIONS_DIR.glob("00[1-6]_*.sql"):
+        shutil.copy(p, old / p.name)
+    async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as conn:
+        await apply_migrations(conn, old)
+        await conn.execute(
+            "INSERT INTO rollup_dirty (host, gpu_index, bucket) VALUES"
+            " ('h1', 0, to_timestamp(%s)), ('h1', 1, to_timestamp(%s)), ('h2', 0, to_timestamp(%s))",
+            (T0, T0, T0 + 60),
+        )
+        assert await apply_migrations(conn) == [m.version for m in discover_migrations() if m.version > 6]
+        cur = await conn.execute("SELECT host, date_part('epoch', bucket) FROM rollup_dirty ORDER BY 1")
+        assert await cur.fetchall() == [("h1", T0), ("h2", T0 + 60)]
+
+
 async def test_processes_stored_with_their_sample_and_readable_as_rows(store: Store, pg_dsn: str) -> None:
     def with_procs(seq: int, procs: list[Process] | None) -> Telemetry:
         m = sample("h1", seq, T0 + seq, gpus=1)
@@ -226,7 +243,7 @@ async def test_write_batch_idempotent_with_inventory_and_hooks(store: Store, pg_
     r = await store.write_batch(msgs[:5], [ev])
     assert (r.telemetry_rows, r.telemetry_duplicates, r.events) == (0, 10, 0)
     # A mixed batch: old rows skipped, new ones stored.
-    r = await store.write_batch(msgs[8:] + [sample("h1", 10, T0 + 10)], [])
+    r = await store.write_batch(msgs[8:] + [sample("h1", 10, T0 + 30)], [])
     assert (r.telemetry_rows, r.telemetry_duplicates) == (2, 6)
     assert seen == [["e1"]]
     assert await scalar(pg_dsn, "SELECT count(*) FROM telemetry") == 24
@@ -238,8 +255,14 @@ async def test_write_batch_idempotent_with_inventory_and_hooks(store: Store, pg_
     ]
     assert await scalar(pg_dsn, "SELECT xid FROM telemetry WHERE seq = 3 LIMIT 1") == 79
     assert (
-        await scalar(pg_dsn, "SELECT date_part('epoch', last_seen) FROM hosts WHERE host = 'h1'") == T0 + 10
+        await scalar(pg_dsn, "SELECT date_part('epoch', last_seen) FROM hosts WHERE host = 'h1'") == T0 + 30
     )
+    # Inventory rows are refreshed when last_seen moves by over 10 s (InventoryCache); a new
+    # identity goes at once.
+    await store.write_batch([sample("h1", 11, T0 + 35)], [])
+    assert await scalar(pg_dsn, "SELECT date_part('epoch', last_seen) FROM hosts WHERE host = 'h1'") == T0 + 30
+    await store.write_batch([sample("h1", 0, T0 + 36, boot="b2")], [])
+    assert await scalar(pg_dsn, "SELECT last_boot FROM hosts WHERE host = 'h1'") == "b2"
     assert await scalar(pg_dsn, "SELECT date_part('epoch', first_seen) FROM hosts WHERE host = 'h1'") == T0
     assert await scalar(pg_dsn, "SELECT count(*) FROM gpus") == 4
     assert await scalar(pg_dsn, "SELECT name FROM gpus WHERE host = 'h2' AND gpu_index = 1") == "NVIDIA H100"
@@ -266,8 +289,10 @@ async def test_rollups_and_history_raw_and_rollup_paths(store: Store, pg_dsn: st
     for i in range(0, len(msgs), 300):
         await store.write_batch(msgs[i : i + 300], [])
     hist = History(store.pool)
-    assert await hist.refresh_rollups() == 2 * 180  # 180 minutes x 2 GPUs were dirty
+    # Just written: not quiet yet, nothing taken; quiet_s=0 takes every marker now.
     assert await hist.refresh_rollups() == 0
+    assert await hist.refresh_rollups(quiet_s=0) == 2 * 180  # 180 minutes x 2 GPUs were dirty
+    assert await hist.refresh_rollups(quiet_s=0) == 0
     assert await scalar(pg_dsn, "SELECT count(*) FROM telemetry_1m") == 360
     assert await scalar(pg_dsn, "SELECT sum(n) FROM telemetry_1m") == len(msgs) * 2
     assert await scalar(pg_dsn, "SELECT throttled_n FROM telemetry_1m ORDER BY bucket LIMIT 1") == 3
@@ -281,7 +306,7 @@ async def test_rollups_and_history_raw_and_rollup_paths(store: Store, pg_dsn: st
         **{**{f: getattr(msgs[0], f) for f in msgs[0].__struct_fields__}, "seq": 99_999, "ts": T0 + 5}
     )
     await store.write_batch([late], [])
-    assert await hist.refresh_rollups() == 2
+    assert await hist.refresh_rollups(quiet_s=0) == 2
     assert await scalar(pg_dsn, "SELECT n FROM telemetry_1m WHERE gpu_index = 0 ORDER BY bucket LIMIT 1") == 7
 
     keys = [("h1", 0), ("h1", 1), ("nope", 0)]
@@ -323,7 +348,7 @@ async def test_retention_deletes_only_old_rows(store: Store, pg_dsn: str) -> Non
         old + recent, [Event(v=1, host="h1", ts=now - 400 * 86400, id="ancient", kind="wake")]
     )
     hist = History(store.pool)
-    await hist.refresh_rollups()
+    await hist.refresh_rollups(quiet_s=0)
     deleted = await hist.run_retention(raw_days=30, rollup_days=365)
     assert deleted["telemetry"] == 100
     assert deleted["events"] == 1
@@ -360,17 +385,19 @@ async def test_recent_samples_for_the_live_view_shrink_with_the_fleet(store: Sto
     assert empty.identities == [] and empty.keys == [] and empty.values.shape == (0, 2)
 
 
-async def test_rollups_wait_for_a_minute_to_settle(store: Store, pg_dsn: str) -> None:
+async def test_rollups_wait_until_a_minute_is_quiet(store: Store, pg_dsn: str) -> None:
     now = time.time()
     minute = (now // 60) * 60
     await store.write_batch([sample("live", k, minute + k) for k in range(3)], [])
     hist = History(store.pool)
-    # The current minute is still filling: recomputing it now would be wasted work.
-    assert await hist.refresh_rollups(now=minute + 59) == 0
-    assert await scalar(pg_dsn, "SELECT count(*) FROM rollup_dirty") == 2
-    assert await hist.refresh_rollups(now=minute + 66) == 2  # 2 GPUs, once the minute settled
+    # Rows came for this minute just now: recomputing it at every refresh would be wasted work.
+    assert await hist.refresh_rollups() == 0
+    assert await scalar(pg_dsn, "SELECT count(*) FROM rollup_dirty") == 1  # one marker per host-minute
+    # ... unless it has waited too long.
+    assert await hist.refresh_rollups(max_wait_s=0) == 2
     assert await scalar(pg_dsn, "SELECT sum(n) FROM telemetry_1m WHERE host = 'live'") == 6
-    # A late sample (an agent's buffer) marks its minute again.
+    # A late sample (an agent's buffer) marks its minute again; once quiet, it is taken.
     await store.write_batch([sample("live", 9, minute + 9)], [])
-    assert await hist.refresh_rollups(now=minute + 70) == 2
+    await asyncio.sleep(0.3)
+    assert await hist.refresh_rollups(quiet_s=0.2) == 2
     assert await scalar(pg_dsn, "SELECT sum(n) FROM telemetry_1m WHERE host = 'live'") == 8

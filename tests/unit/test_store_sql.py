@@ -6,6 +6,7 @@ import re
 import struct
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import pytest
 
@@ -52,7 +53,7 @@ def test_migration_names_and_order(tmp_path: Path) -> None:
 
 def test_own_migration_files_are_numbered_001_to_009() -> None:
     mine = [m for m in store.discover_migrations() if m.version < 10]
-    assert [m.version for m in mine] == [1, 2, 3, 4, 5, 6]
+    assert [m.version for m in mine] == [1, 2, 3, 4, 5, 6, 7]
 
 
 def test_staging_copy_and_insert_sql() -> None:
@@ -113,10 +114,10 @@ def test_build_telemetry_batch_rows_inventory_and_dirty_buckets() -> None:
     assert b.processes == 3
     assert b.hosts == {"h1": [61.0, 130.0, "c"]}
     assert b.gpus[("h1", 0)] == ["U0-2", "N2", 81.0, 61.0, 130.0]  # latest name/uuid, last known memory
-    assert b.dirty == {("h1", 0, 60), ("h1", 1, 60), ("h1", 0, 120), ("h1", 1, 120)}
+    assert b.dirty == {("h1", 60), ("h1", 120)}  # host-minutes (migration 007)
     hosts, first, last, boots = b.host_params()
     assert (hosts, first, last, boots) == (["h1"], [61.0], [130.0], ["c"])
-    assert b.dirty_params() == (["h1", "h1", "h1", "h1"], [0, 0, 1, 1], [60.0, 120.0, 60.0, 120.0])
+    assert b.dirty_params() == (["h1", "h1"], [60.0, 120.0])
     assert store_sql.build_telemetry_batch([]).rows == []
 
 
@@ -158,7 +159,7 @@ def test_rollup_columns_match_the_migration() -> None:
     assert sorted(declared[3:]) == sorted(c for c, _ in history.rollup_aggregates())
     up = history.rollup_buckets_sql()
     assert "ON CONFLICT (host, gpu_index, bucket) DO UPDATE SET n = EXCLUDED.n" in up
-    assert "unnest(%s::text[], %s::int4[], %s::timestamptz[])" in up
+    assert "unnest(%s::text[], %s::timestamptz[]) AS d(host, bucket) JOIN gpus g" in up
     assert "date_bin('1 minute', t.ts, timestamptz 'epoch')" in history.rollup_range_sql()
 
 
@@ -198,3 +199,28 @@ def test_reject_counter() -> None:
     c.add("invalid_json")
     c.add("oversize")
     assert c.total == 3 and c.snapshot() == {"invalid_json": 2, "oversize": 1}
+
+
+def test_inventory_cache_sends_only_rows_that_change_something() -> None:
+    def batch(ts: float, *, boot: str = "b", uuid: str = "U") -> store_sql.TelemetryBatch:
+        m = tel(0, ts, boot=boot)
+        gpus = [msgspec.structs.replace(g, uuid=f"{uuid}{g.index}", name="N", mem_total_mib=80.0) for g in m.gpus]
+        return store_sql.build_telemetry_batch([msgspec.structs.replace(m, gpus=gpus)])
+
+    cache = store_sql.InventoryCache(refresh_s=10.0)
+    first = batch(100.0)
+    assert cache.hosts_to_send(first) == ["h1"] and cache.gpus_to_send(first) == [("h1", 0), ("h1", 1)]
+    cache.committed(first, ["h1"], [("h1", 0), ("h1", 1)])
+    assert cache.hosts_to_send(batch(105.0)) == [] and cache.gpus_to_send(batch(105.0)) == []
+    later = batch(111.0)  # last_seen would move by more than 10 s
+    assert cache.hosts_to_send(later) == ["h1"] and len(cache.gpus_to_send(later)) == 2
+    assert cache.gpus_to_send(batch(50.0)) == [("h1", 0), ("h1", 1)]  # reaches before first_seen
+    cache.committed(later, ["h1"], [("h1", 0), ("h1", 1)])  # known: 100 .. 111, boot b
+    assert cache.hosts_to_send(batch(112.0, boot="b2")) == ["h1"]  # a new boot goes at once
+    assert cache.hosts_to_send(batch(105.0, boot="b2")) == []  # ... unless older than what is known
+    swapped = batch(112.0, uuid="V")  # GPUs replaced
+    assert cache.gpus_to_send(swapped) == [("h1", 0), ("h1", 1)]
+    # Not committed (rolled back): still to send next time; committed: recorded.
+    assert cache.gpus_to_send(swapped) == [("h1", 0), ("h1", 1)]
+    cache.committed(swapped, [], [("h1", 0)])
+    assert cache.gpus_to_send(swapped) == [("h1", 1)]
