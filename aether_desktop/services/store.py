@@ -43,6 +43,7 @@ from aether_desktop.services.store_sql import (
     PreparedBatch,
     TelemetryBatch,
     copy_types,
+    literal_params,
     prepare_batch,
 )
 from aether_protocol.messages import Event, Telemetry
@@ -335,10 +336,10 @@ class Store:
                 gpus = self._inventory.gpus_to_send(tb)
                 async with conn.pipeline():
                     if hosts:
-                        await cur.execute(UPSERT_HOSTS_SQL, tb.host_params(hosts))
+                        await cur.execute(UPSERT_HOSTS_SQL, literal_params(tb.host_params(hosts)))
                     if gpus:
-                        await cur.execute(UPSERT_GPUS_SQL, tb.gpu_params(gpus))
-                    await cur.execute(MARK_DIRTY_SQL, tb.dirty_params())
+                        await cur.execute(UPSERT_GPUS_SQL, literal_params(tb.gpu_params(gpus)))
+                    await cur.execute(MARK_DIRTY_SQL, literal_params(tb.dirty_params()))
             if ev_rows:
                 await _copy_rows(cur, COPY_STAGE_EVENTS, EVENT_COLUMNS, ev_rows)
                 await cur.execute(INSERT_EVENTS)

@@ -164,6 +164,42 @@ SELECT h, to_timestamp(b) FROM unnest(%s::text[], %s::float8[]) AS d(h, b)
 ON CONFLICT (host, bucket) DO UPDATE SET touched_at = EXCLUDED.touched_at"""
 
 
+def _quote(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def array_literal(values: Sequence[object]) -> str:
+    """One PostgreSQL array literal (``{...}``) for a list of str, int, float or None.
+
+    psycopg adapts a list parameter element by element in Python (15 % of the
+    ingest's time for a wide fleet's inventory and marker upserts); one string
+    is passed in C and the statement casts it (``%s::text[]``). Strings are
+    always quoted and escaped, so any text is safe; floats use repr(), which
+    round-trips exactly.
+    """
+    kinds = set(map(type, values))
+    if kinds <= {str}:
+        return "{" + ",".join(map(_quote, values)) + "}"  # type: ignore[arg-type]
+    if kinds <= {int, float}:
+        return "{" + ",".join(map(repr, values)) + "}"
+    parts = []
+    for v in values:
+        if v is None:
+            parts.append("NULL")
+        elif isinstance(v, str):
+            parts.append(_quote(v))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            parts.append(repr(v))
+        else:
+            raise TypeError(f"no array literal for {type(v).__name__}")
+    return "{" + ",".join(parts) + "}"
+
+
+def literal_params(params: Sequence[Sequence[object]]) -> tuple[str, ...]:
+    """UNNEST parameters (one list per column) as array literals."""
+    return tuple(array_literal(col) for col in params)
+
+
 # --------------------------------------------------------------------------- binary encoding
 
 # Element type oids written into binary arrays (pg_type; fixed since PostgreSQL 8).
@@ -273,7 +309,7 @@ class TelemetryBatch:
 # An inventory row whose identity did not change is upserted again only when its
 # last_seen would move by more than this (so hosts.last_seen / gpus.last_seen are
 # exact to this many seconds).
-INVENTORY_REFRESH_S = 10.0
+INVENTORY_REFRESH_S = 60.0
 
 
 class InventoryCache:

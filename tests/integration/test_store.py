@@ -243,7 +243,7 @@ async def test_write_batch_idempotent_with_inventory_and_hooks(store: Store, pg_
     r = await store.write_batch(msgs[:5], [ev])
     assert (r.telemetry_rows, r.telemetry_duplicates, r.events) == (0, 10, 0)
     # A mixed batch: old rows skipped, new ones stored.
-    r = await store.write_batch(msgs[8:] + [sample("h1", 10, T0 + 30)], [])
+    r = await store.write_batch(msgs[8:] + [sample("h1", 10, T0 + 70)], [])
     assert (r.telemetry_rows, r.telemetry_duplicates) == (2, 6)
     assert seen == [["e1"]]
     assert await scalar(pg_dsn, "SELECT count(*) FROM telemetry") == 24
@@ -255,13 +255,13 @@ async def test_write_batch_idempotent_with_inventory_and_hooks(store: Store, pg_
     ]
     assert await scalar(pg_dsn, "SELECT xid FROM telemetry WHERE seq = 3 LIMIT 1") == 79
     assert (
-        await scalar(pg_dsn, "SELECT date_part('epoch', last_seen) FROM hosts WHERE host = 'h1'") == T0 + 30
+        await scalar(pg_dsn, "SELECT date_part('epoch', last_seen) FROM hosts WHERE host = 'h1'") == T0 + 70
     )
-    # Inventory rows are refreshed when last_seen moves by over 10 s (InventoryCache); a new
-    # identity goes at once.
-    await store.write_batch([sample("h1", 11, T0 + 35)], [])
-    assert await scalar(pg_dsn, "SELECT date_part('epoch', last_seen) FROM hosts WHERE host = 'h1'") == T0 + 30
-    await store.write_batch([sample("h1", 0, T0 + 36, boot="b2")], [])
+    # Inventory rows are refreshed when last_seen moves by over a minute (InventoryCache); a
+    # new identity goes at once.
+    await store.write_batch([sample("h1", 11, T0 + 75)], [])
+    assert await scalar(pg_dsn, "SELECT date_part('epoch', last_seen) FROM hosts WHERE host = 'h1'") == T0 + 70
+    await store.write_batch([sample("h1", 0, T0 + 76, boot="b2")], [])
     assert await scalar(pg_dsn, "SELECT last_boot FROM hosts WHERE host = 'h1'") == "b2"
     assert await scalar(pg_dsn, "SELECT date_part('epoch', first_seen) FROM hosts WHERE host = 'h1'") == T0
     assert await scalar(pg_dsn, "SELECT count(*) FROM gpus") == 4
@@ -401,3 +401,15 @@ async def test_rollups_wait_until_a_minute_is_quiet(store: Store, pg_dsn: str) -
     await asyncio.sleep(0.3)
     assert await hist.refresh_rollups(quiet_s=0.2) == 2
     assert await scalar(pg_dsn, "SELECT sum(n) FROM telemetry_1m WHERE host = 'live'") == 8
+
+
+async def test_array_literals_round_trip_through_postgresql(pg_dsn: str) -> None:
+    from aether_desktop.services.store_sql import array_literal
+
+    texts = ["plain", 'q"uote', "back\\slash", "{brace,comma}", " spaced ", "NULL", "", "ünï €", None]
+    floats = [0.1, 1e-300, 123456789.125, -2.5, None]
+    async with await psycopg.AsyncConnection.connect(pg_dsn) as conn:
+        cur = await conn.execute(
+            "SELECT %s::text[], %s::float8[], %s::int4[]", (array_literal(texts), array_literal(floats), array_literal([0, 7]))
+        )
+        assert await cur.fetchone() == (texts, floats, [0, 7])

@@ -224,3 +224,13 @@ def test_inventory_cache_sends_only_rows_that_change_something() -> None:
     assert cache.gpus_to_send(swapped) == [("h1", 0), ("h1", 1)]
     cache.committed(swapped, [], [("h1", 0)])
     assert cache.gpus_to_send(swapped) == [("h1", 1)]
+
+
+def test_array_literals() -> None:
+    assert store_sql.array_literal([]) == "{}"
+    assert store_sql.array_literal(["a", 'say "hi"', "back\\slash"]) == '{"a","say \\"hi\\"","back\\\\slash"}'
+    assert store_sql.array_literal([1, 2.5, None, -0.1]) == "{1,2.5,NULL,-0.1}"
+    assert store_sql.array_literal(["x", None]) == '{"x",NULL}'
+    with pytest.raises(TypeError):
+        store_sql.array_literal([True])
+    assert store_sql.literal_params((["h"], [60.0])) == ('{"h"}', "{60.0}")
