@@ -273,7 +273,7 @@ async def test_stalled_database_reported_before_the_write_watchdog(
         await publish(nc, first)
         await assert_exactly_once(pg_dsn, first)
         async with await psycopg.AsyncConnection.connect(pg_dsn) as blocker:
-            await blocker.execute("LOCK TABLE hosts IN ACCESS EXCLUSIVE MODE")  # the batch upserts hosts
+            await blocker.execute("LOCK TABLE telemetry IN ACCESS EXCLUSIVE MODE")  # every batch writes it
             more = [telemetry_msg("h1", "b", s) for s in range(10, 40)]
             await publish(nc, more)
             await wait_for(lambda: not ingest.status.db_ok, "db_ok False while the write hangs")
