@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs-mode", choices=("auto", "process", "simulate"), default="auto",
                    help="auto: simulated jobs on a simulated backend, real processes on NVML")
     p.add_argument("--job-log-dir", type=Path, help="where job logs go (default: the user data folder)")
+    p.add_argument("--job-log-max-mib", type=float, default=64.0, metavar="MIB",
+                   help="rotate a running job's log beyond this size, keeping its last MiB (0: no limit)")
     p.add_argument("--buffer", type=int, default=20_000, metavar="N",
                    help="messages kept while NATS is unreachable (default 20000)")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
@@ -110,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         allow_jobs=args.allow_jobs,
         allowed_commands=tuple(args.allow_cmd),
         log_dir=args.job_log_dir or default_log_dir(),
+        max_log_bytes=max(0, int(args.job_log_max_mib * 1024 * 1024)),
     )
     if args.allow_jobs and not args.allow_cmd:
         log.warning("--allow-jobs without --allow-cmd: the allowlist is empty, every job will be refused")

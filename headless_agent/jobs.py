@@ -37,6 +37,12 @@ class JobPolicy:
     allowed_commands: tuple[str, ...] = ()
     log_dir: Path = Path("/tmp/aether-jobs")
     cancel_grace_s: float = 10.0
+    # A running job's log beyond this is rotated: its last LOG_KEEP_BYTES go to
+    # "<id>.log.1" and the log starts over (0: no limit). A chatty job cannot fill the disk.
+    max_log_bytes: int = 64 * 1024 * 1024
+
+
+LOG_KEEP_BYTES = 1024 * 1024
 
 
 def check_job(job: JobSpec, policy: JobPolicy, gpu_count: int) -> None:
@@ -181,8 +187,33 @@ class ProcessJobRunner:
             return ""
 
     def poll(self) -> list[JobOutcome]:
+        """Jobs that ended since the last call; also keeps running jobs' logs under the size limit."""
+        if self.policy.max_log_bytes > 0:
+            for run in self._running.values():
+                self._rotate_log(run.log_path, self.policy.max_log_bytes)
         done, self._done = self._done, []
         return done
+
+    @staticmethod
+    def _rotate_log(path: Path, limit: int) -> None:
+        """Copy-truncate: the job writes with O_APPEND, so after truncating to 0
+        its next write lands at the new start; what it writes in between the
+        copy and the truncate (microseconds) is lost."""
+        try:
+            if path.stat().st_size <= limit:
+                return
+            with open(path, "rb") as fh:
+                fh.seek(-min(LOG_KEEP_BYTES, limit), os.SEEK_END)
+                tail = fh.read()
+            old = path.with_name(path.name + ".1")
+            tmp = path.with_name(path.name + ".1.part")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o640)
+            with os.fdopen(fd, "wb") as out:
+                out.write(tail)
+            os.replace(tmp, old)
+            os.truncate(path, 0)
+        except OSError as exc:
+            log.warning("could not rotate job log %s: %s", path, exc)
 
     async def cancel(self, job_id: str) -> bool:
         run = self._running.get(job_id)
@@ -213,11 +244,18 @@ class ProcessJobRunner:
         path = self.policy.log_dir / f"{job_id}.log"
         if not path.exists():
             raise BackendError(f"no log for job {job_id} on this host")
+        want = max(1, min(max_bytes, 256 * 1024))
         try:
             with open(path, "rb") as fh:
                 size = os.fstat(fh.fileno()).st_size
-                fh.seek(max(0, size - max(1, min(max_bytes, 256 * 1024))))
-                return fh.read().decode("utf-8", errors="replace")
+                fh.seek(max(0, size - want))
+                data = fh.read()
+            rotated = path.with_name(path.name + ".1")
+            if len(data) < want and rotated.exists():  # the log was rotated: its end is in .1
+                with open(rotated, "rb") as fh:
+                    fh.seek(max(0, os.fstat(fh.fileno()).st_size - (want - len(data))))
+                    data = fh.read() + data
+            return data.decode("utf-8", errors="replace")
         except OSError as exc:
             raise BackendError(f"cannot read the log of job {job_id}: {exc.strerror or exc}") from exc
 

@@ -76,6 +76,30 @@ async def test_process_runner_runs_argv_without_a_shell(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
+async def test_a_chatty_jobs_log_is_rotated_and_its_tail_still_readable(tmp_path: Path) -> None:
+    policy = JobPolicy(allow_jobs=True, allowed_commands=(sys.executable,), log_dir=tmp_path,
+                       max_log_bytes=50_000)
+    runner = ProcessJobRunner(policy, gpu_count=1)
+    # 400 KB in 40 steps, then a last line and a pause so the runner rotates while it runs.
+    script = ("import sys, time\n"
+              "for i in range(40):\n"
+              "    sys.stdout.write(f'{i:05d}' + 'x' * 9994 + '\\n'); sys.stdout.flush(); time.sleep(0.01)\n"
+              "print('the end', flush=True); time.sleep(0.3)")
+    await runner.start(job([sys.executable, "-c", script], [0], id="j-chatty"))
+    done: list = []
+    for _ in range(400):
+        done += runner.poll()
+        if done:
+            break
+        await asyncio.sleep(0.01)
+    assert done and done[0].exit_code == 0
+    log_path = tmp_path / "j-chatty.log"
+    assert log_path.stat().st_size <= 50_000 + 2 * 10_000  # bounded: limit + what came between polls
+    assert (tmp_path / "j-chatty.log.1").stat().st_size <= 50_000
+    tail = runner.log_tail("j-chatty", 30_000)
+    assert tail.rstrip().endswith("the end") and len(tail) == 30_000
+
+
 async def test_process_runner_cancel_terminates(tmp_path: Path) -> None:
     policy = JobPolicy(allow_jobs=True, allowed_commands=(sys.executable,), log_dir=tmp_path, cancel_grace_s=2)
     runner = ProcessJobRunner(policy, gpu_count=1)
