@@ -208,6 +208,10 @@ class EmbeddedNats:
         # Unique per instance: two instances in one process are two holders.
         self._token: str | None = None
         self._proc: subprocess.Popen[bytes] | None = None
+        # Port of the last server this data folder ran: a restart tries it first, so
+        # clients (demo agents, other windows) reconnect to the same URL and keep
+        # what they buffered meanwhile.
+        self._last_port: int | None = None
         self._server_name = "aether-" + hashlib.sha256(str(self._dir.resolve()).encode()).hexdigest()[:10]
 
     def _probe_host(self) -> str:
@@ -237,6 +241,8 @@ class EmbeddedNats:
             creds = load_or_create_credentials(self._dir / "credentials.json")
             fingerprint = self._fingerprint(creds)
             state = self._read_state()
+            if state is not None and isinstance(state.get("port"), int):
+                self._last_port = int(state["port"])
             if state is not None and self._state_alive(state):
                 holders = self._live_holders(state)
                 if state.get("fingerprint") == fingerprint:
@@ -256,14 +262,20 @@ class EmbeddedNats:
                 log.warning("stopping orphaned embedded nats-server pid %s (settings changed)", state["pid"])
                 self._terminate_pid(int(state["pid"]))
             self._state_path.unlink(missing_ok=True)
-            return self._spawn(creds, fingerprint)
+            if self._port == 0 and self._last_port:
+                try:
+                    return self._spawn(creds, fingerprint, self._last_port)
+                except EmbeddedNatsError as exc:  # the port was taken meanwhile
+                    log.info("port %d of the previous nats-server is not available (%s); taking another",
+                             self._last_port, str(exc).splitlines()[0])
+            return self._spawn(creds, fingerprint, self._port)
 
-    def _spawn(self, creds: NatsCredentials, fingerprint: str) -> EmbeddedNatsInfo:
+    def _spawn(self, creds: NatsCredentials, fingerprint: str, port: int) -> EmbeddedNatsInfo:
         binary = self._binary or find_nats_server()
         config = render_config(
             server_name=self._server_name,
             listen_host=self._host,
-            port=self._port,
+            port=port,
             credentials=creds,
             store_dir=self._dir,
             ports_file_dir=self._dir,
@@ -303,6 +315,7 @@ class EmbeddedNats:
             self._kill_proc(proc)
             self._proc = None
             raise
+        self._last_port = port
         url = self._client_url(port)
         token = secrets.token_hex(8)
         holders = [{"pid": os.getpid(), "token": token}]

@@ -10,6 +10,7 @@ import signal
 import socket
 import stat
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -146,11 +147,31 @@ def test_restarts_after_server_was_killed(data_dir: Path) -> None:
     try:
         fresh = second.start()
         assert fresh.reused is False and fresh.pid != info.pid
+        assert fresh.url == info.url  # same port: clients reconnect by themselves, buffers intact
         assert _answers(fresh)
     finally:
         second.stop()
         first.stop()  # its server is gone and it is no longer recorded: must not touch the new one
     assert not _answers(fresh)
+
+
+def test_restart_takes_another_port_when_the_old_one_is_taken(data_dir: Path) -> None:
+    first = EmbeddedNats(data_dir)
+    info = first.start()
+    port = int(info.url.rsplit(":", 1)[1])
+    os.kill(info.pid, getattr(signal, "SIGKILL", signal.SIGTERM))
+    time.sleep(0.2)
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", port))
+    squatter.listen()
+    second = EmbeddedNats(data_dir)
+    try:
+        fresh = second.start()
+        assert fresh.url != info.url and _answers(fresh)
+    finally:
+        squatter.close()
+        second.stop()
+        first.stop()
 
 
 def test_beyond_loopback_without_tls_warns(data_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
