@@ -171,6 +171,33 @@ async def test_station_restarts_its_embedded_nats_server_when_it_dies(tmp_path: 
     assert _gone(agent_pid)
 
 
+async def test_station_follows_its_embedded_server_to_a_new_port(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    station = Station(StationConfig(no_db=True, data_dir=data, demo_hosts=1, demo_gpus=1), Sink())
+    arrivals: list[float] = []
+    station.add_telemetry_listener(lambda _msg, at: arrivals.append(at))
+    await station.start()
+    squatter = socket.socket()
+    try:
+        assert await wait_for(lambda: station.fleet.n_slots == 1)
+        first_url = station.nats_servers[0]
+        agent_pid = station.demo.procs["demo-01"].pid  # type: ignore[union-attr]
+        os.kill(_embedded_pid(data), signal.SIGKILL)
+        # Someone takes the old port before the station restarts the server.
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind(("127.0.0.1", int(first_url.rsplit(":", 1)[1])))
+        squatter.listen()
+        assert await wait_for(lambda: station.nats_servers[0] != first_url, timeout=30)
+        assert await wait_for(lambda: station.bus.state == "connected", timeout=15)  # type: ignore[union-attr]
+        # The demo agent was restarted against the new URL, and the live view flows again.
+        assert await wait_for(lambda: station.demo.procs["demo-01"].pid != agent_pid, timeout=15)  # type: ignore[union-attr]
+        moved = time.time()
+        assert await wait_for(lambda: arrivals and arrivals[-1] > moved, timeout=20)
+    finally:
+        squatter.close()
+        await station.stop()
+
+
 async def test_station_keeps_running_when_the_embedded_server_cannot_start(tmp_path: Path) -> None:
     port = free_port()
     blocker = socket.socket()
