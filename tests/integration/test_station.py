@@ -183,9 +183,17 @@ async def test_station_follows_its_embedded_server_to_a_new_port(tmp_path: Path)
         first_url = station.nats_servers[0]
         agent_pid = station.demo.procs["demo-01"].pid  # type: ignore[union-attr]
         os.kill(_embedded_pid(data), signal.SIGKILL)
-        # Someone takes the old port before the station restarts the server.
+        # Someone takes the old port before the station restarts the server (its watchdog
+        # looks every 2 s), as soon as the killed server has let go of it.
         squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        squatter.bind(("127.0.0.1", int(first_url.rsplit(":", 1)[1])))
+        for _ in range(100):
+            try:
+                squatter.bind(("127.0.0.1", int(first_url.rsplit(":", 1)[1])))
+                break
+            except OSError:
+                await asyncio.sleep(0.01)
+        else:
+            pytest.fail("the killed server's port did not come free within 1 s")
         squatter.listen()
         assert await wait_for(lambda: station.nats_servers[0] != first_url, timeout=30)
         assert await wait_for(lambda: station.bus.state == "connected", timeout=15)  # type: ignore[union-attr]
