@@ -31,7 +31,7 @@ from aether_protocol import PROTOCOL_VERSION, Event, GpuSample, Telemetry, comma
 from aether_protocol import subjects as subj
 from aether_protocol.connection import NatsSettings, connect_kwargs
 from headless_agent.backend import GpuBackend
-from headless_agent.commands import CommandHandler
+from headless_agent.commands import QUERY_OPS, CommandHandler
 from headless_agent.jobs import JobPolicy, ProcessJobRunner
 from headless_agent.outbox import NotCaptured, Outbox, Outgoing, PublishFailed, Undeliverable
 
@@ -78,6 +78,7 @@ class Agent:
         # Set by stop and by a reconnect: cuts a back-off wait short.
         self._retry_now = asyncio.Event()
         self._command_tasks: set[asyncio.Future[None]] = set()
+        self._control_tasks: set[asyncio.Future[None]] = set()
         simulated_jobs = hasattr(backend, "start_job")
         use_process = config.jobs_mode == "process" or (config.jobs_mode == "auto" and not simulated_jobs)
         runner = ProcessJobRunner(config.policy, backend.gpu_count()) if use_process else None
@@ -267,14 +268,17 @@ class Agent:
         # task keeps a ping from waiting behind a sleep that hangs on a sick GPU
         # (CommandHandler keeps control commands in order). Bounded: a flood of
         # requests is refused, not queued without end.
-        if len(self._command_tasks) >= MAX_COMMANDS_IN_FLIGHT:
-            cmd_id, _ = command_id_and_op(msg.data)
-            log.warning("refusing a command: %d already in flight", len(self._command_tasks))
-            await self._respond(msg, reply(cmd_id, False, f"agent busy: {len(self._command_tasks)} commands in flight"))
+        # Queries (ping, job_log) are never refused: they do not wait on anything.
+        cmd_id, op = command_id_and_op(msg.data)
+        control = not (isinstance(op, str) and op in QUERY_OPS)
+        if control and len(self._control_tasks) >= MAX_COMMANDS_IN_FLIGHT:
+            log.warning("refusing a command: %d already in flight", len(self._control_tasks))
+            await self._respond(msg, reply(cmd_id, False, f"agent busy: {len(self._control_tasks)} commands in flight"))
             return
         task = asyncio.ensure_future(self._answer(msg))
-        self._command_tasks.add(task)
-        task.add_done_callback(self._command_tasks.discard)
+        for tasks in (self._command_tasks, self._control_tasks) if control else (self._command_tasks,):
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
 
     async def _answer(self, msg: Msg) -> None:
         # handle() answers every request itself, also when the backend fails in an unexpected way.
@@ -368,8 +372,13 @@ class Agent:
 
     async def _shutdown(self, sender: asyncio.Future[None]) -> None:
         log.info("stopping: cancelling jobs, publishing agent_stopping")
-        if self._command_tasks:  # let commands in progress answer (a control call may be slow)
-            await asyncio.wait(list(self._command_tasks), timeout=STOP_DRAIN_S)
+        # No new job from here on: control commands (also queued ones) are refused. Those in
+        # progress get a moment to answer; one still hanging on a sick GPU is abandoned.
+        self.commands.stopping = True
+        if self._command_tasks:
+            _, hanging = await asyncio.wait(list(self._command_tasks), timeout=STOP_DRAIN_S)
+            for hung in hanging:
+                hung.cancel()
         if self.runner is not None:
             await self.runner.stop_all()
         with contextlib.suppress(Exception):

@@ -40,8 +40,10 @@ EmitFn = Callable[..., None]
 # to spare: a reply that cannot be sent leaves the requester waiting for its timeout.
 MAX_REPLY_BYTES = 512 * 1024
 
-# Read-only commands: never queued behind a control command.
+# Read-only commands: never queued behind a control command (and not counted by the
+# agent's cap on commands in flight).
 _QUERIES = (PingCmd, JobLogCmd)
+QUERY_OPS = frozenset({"ping", "job_log"})
 
 
 class CommandHandler:
@@ -69,6 +71,9 @@ class CommandHandler:
         # (ping, job_log) answer at once, also while a control call hangs on a
         # sick GPU. asyncio.Lock wakes its waiters first come, first served.
         self._control = asyncio.Lock()
+        # Set when the agent stops: control commands are refused from then on (also those
+        # already queued), so no job starts while jobs are being cancelled.
+        self.stopping = False
 
     async def handle(self, data: bytes) -> bytes:
         try:
@@ -81,7 +86,11 @@ class CommandHandler:
             if isinstance(cmd, _QUERIES):
                 result = await self._execute(cmd)
             else:
+                if self.stopping:
+                    raise BackendError("the agent is stopping")
                 async with self._control:
+                    if self.stopping:
+                        raise BackendError("the agent is stopping")
                     result = await self._execute(cmd)
         except BackendError as exc:
             log.info("command %s %s refused: %s", type(cmd).__name__, cmd.id, exc)

@@ -9,6 +9,7 @@ is just an argument. ``CUDA_VISIBLE_DEVICES`` is set to the job's GPUs.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import re
@@ -197,23 +198,34 @@ class ProcessJobRunner:
     @staticmethod
     def _rotate_log(path: Path, limit: int) -> None:
         """Copy-truncate: the job writes with O_APPEND, so after truncating to 0
-        its next write lands at the new start; what it writes in between the
-        copy and the truncate (microseconds) is lost."""
+        its next write lands at the new start; what it writes between the copy
+        and the truncate (milliseconds) is lost. One descriptor, opened without
+        following links (like the job's own), so a link planted in a shared log
+        folder cannot point the truncate at another file."""
         try:
-            if path.stat().st_size <= limit:
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                log.warning("could not rotate job log %s: %s", path, exc)
+            return
+        try:
+            size = os.fstat(fd).st_size
+            if size <= limit:
                 return
-            with open(path, "rb") as fh:
-                fh.seek(-min(LOG_KEEP_BYTES, limit), os.SEEK_END)
-                tail = fh.read()
-            old = path.with_name(path.name + ".1")
+            keep = min(LOG_KEEP_BYTES, limit)
+            tail = os.pread(fd, keep, size - keep)
             tmp = path.with_name(path.name + ".1.part")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o640)
-            with os.fdopen(fd, "wb") as out:
-                out.write(tail)
-            os.replace(tmp, old)
-            os.truncate(path, 0)
+            out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o640)
+            try:
+                os.write(out, tail)
+            finally:
+                os.close(out)
+            os.replace(tmp, path.with_name(path.name + ".1"))
+            os.ftruncate(fd, 0)
         except OSError as exc:
             log.warning("could not rotate job log %s: %s", path, exc)
+        finally:
+            os.close(fd)
 
     async def cancel(self, job_id: str) -> bool:
         run = self._running.get(job_id)

@@ -117,6 +117,18 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _port_free(host: str, port: int) -> bool:
+    """Whether a listener could bind ``host:port`` now (SO_REUSEADDR, as nats-server binds)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def probe_server_name(host: str, port: int, timeout: float = 1.0) -> str | None:
     """Connect and read the server's INFO line; return its ``server_name`` or None.
 
@@ -262,12 +274,16 @@ class EmbeddedNats:
                 log.warning("stopping orphaned embedded nats-server pid %s (settings changed)", state["pid"])
                 self._terminate_pid(int(state["pid"]))
             self._state_path.unlink(missing_ok=True)
-            if self._port == 0 and self._last_port:
+            last = self._last_port
+            if self._port == 0 and last and _port_free(self._host, last):
                 try:
-                    return self._spawn(creds, fingerprint, self._last_port)
-                except EmbeddedNatsError as exc:  # the port was taken meanwhile
-                    log.info("port %d of the previous nats-server is not available (%s); taking another",
-                             self._last_port, str(exc).splitlines()[0])
+                    return self._spawn(creds, fingerprint, last)
+                except EmbeddedNatsError as exc:
+                    if _port_free(self._host, last):
+                        raise  # not the port: a real failure, say it
+                    log.info("port %d was taken meanwhile (%s); taking another", last, str(exc).splitlines()[0])
+            elif self._port == 0 and last:
+                log.info("port %d of the previous nats-server is taken; taking another", last)
             return self._spawn(creds, fingerprint, self._port)
 
     def _spawn(self, creds: NatsCredentials, fingerprint: str, port: int) -> EmbeddedNatsInfo:

@@ -212,11 +212,14 @@ RECENT_GPUS_SQL = (
 
 
 def recent_sql(metrics: Sequence[str]) -> str:
-    """Raw samples of every GPU in (start, end]; params: start, end, limit. The BRIN index on ts finds them."""
+    """Raw samples of every GPU in (start, end], newest first; params: start, end, limit.
+
+    The BRIN index on ts finds them; the limit keeps the newest when agents
+    sample faster than once a second."""
     cols = ", ".join(f"t.{m}" for m in check_metrics(metrics))
     return (
         f"SELECT t.host, t.gpu_index, date_part('epoch', t.ts), {cols} FROM telemetry t"
-        " WHERE t.ts > to_timestamp(%s) AND t.ts <= to_timestamp(%s) LIMIT %s"
+        " WHERE t.ts > to_timestamp(%s) AND t.ts <= to_timestamp(%s) ORDER BY t.ts DESC LIMIT %s"
     )
 
 

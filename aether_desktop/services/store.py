@@ -248,7 +248,7 @@ class Store:
             # Validates a connection on checkout, so a restarted database costs
             # one failed check instead of a failed batch.
             check=AsyncConnectionPool.check_connection,
-            configure=_configure_connection,
+            configure=self._configure_connection,
             # Give up a broken connection's background reconnect loop quickly:
             # its backoff grows to minutes, whereas a pool below size connects
             # on demand at the next checkout, so recovery follows the database.
@@ -257,6 +257,12 @@ class Store:
         )
         await pool.open(wait=True, timeout=timeout)
         self._pool = pool
+
+    async def _configure_connection(self, conn: AsyncConnection) -> None:
+        # A new connection may mean a restarted or restored database: forget what the
+        # inventory was known to hold (it costs one upsert of each row, once).
+        self._inventory.clear()
+        await _configure_connection(conn)
 
     async def close(self) -> None:
         if self._pool is not None:

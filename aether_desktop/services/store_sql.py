@@ -13,6 +13,7 @@ column's type.
 
 from __future__ import annotations
 
+import numbers
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -181,15 +182,19 @@ def array_literal(values: Sequence[object]) -> str:
     if kinds <= {str}:
         return "{" + ",".join(map(_quote, values)) + "}"  # type: ignore[arg-type]
     if kinds <= {int, float}:
-        return "{" + ",".join(map(repr, values)) + "}"
+        return "{" + ",".join(map(repr, values)) + "}"  # exact types: repr is the number
     parts = []
     for v in values:
         if v is None:
             parts.append("NULL")
         elif isinstance(v, str):
             parts.append(_quote(v))
-        elif isinstance(v, (int, float)) and not isinstance(v, bool):
-            parts.append(repr(v))
+        elif isinstance(v, bool):
+            raise TypeError("no array literal for bool")
+        elif isinstance(v, numbers.Integral):  # int(), float(): numpy's reprs name their type
+            parts.append(repr(int(v)))
+        elif isinstance(v, numbers.Real):
+            parts.append(repr(float(v)))
         else:
             raise TypeError(f"no array literal for {type(v).__name__}")
     return "{" + ",".join(parts) + "}"

@@ -418,6 +418,36 @@ async def test_commands_are_answered_concurrently_and_a_flood_is_refused(monkeyp
     await agent._on_command(held)  # type: ignore[arg-type]
     await agent._on_command(extra)  # type: ignore[arg-type]
     assert extra.answers and not extra.answers[0].ok and "busy" in (extra.answers[0].error or "")
+    # Queries are never refused: they wait on nothing.
+    ping2 = FakeMsg({"v": 1, "id": "p2", "op": "ping"})
+    await agent._on_command(ping2)  # type: ignore[arg-type]
+    assert await until(lambda: bool(ping2.answers)) and ping2.answers[0].ok
     release.set()
     assert await until(lambda: bool(sleep.answers) and bool(held.answers))
     assert sleep.answers[0].ok and held.answers[0].ok
+
+
+async def test_a_stopping_agent_refuses_control_commands_also_queued_ones() -> None:
+    import threading
+
+    backend = SimulatedBackend(2, seed=1, background_load=False)
+    backend.read(1000.0)
+    release = threading.Event()
+    backend.sleep = lambda gpus: release.wait(10)  # type: ignore[method-assign]
+    agent = make_agent(backend)
+    sleep = FakeMsg({"v": 1, "id": "s", "op": "sleep", "gpus": [0]})
+    queued = FakeMsg({"v": 1, "id": "w", "op": "wake", "gpus": [1]})
+    await agent._on_command(sleep)  # type: ignore[arg-type]
+    await agent._on_command(queued)  # type: ignore[arg-type]
+    await asyncio.sleep(0.05)
+    agent.commands.stopping = True  # what _shutdown does first
+    late = FakeMsg({"v": 1, "id": "j", "op": "wake", "gpus": [0]})
+    await agent._on_command(late)  # type: ignore[arg-type]
+    ping = FakeMsg({"v": 1, "id": "p", "op": "ping"})
+    await agent._on_command(ping)  # type: ignore[arg-type]
+    assert await until(lambda: bool(late.answers) and bool(ping.answers))
+    assert not late.answers[0].ok and "stopping" in (late.answers[0].error or "") and ping.answers[0].ok
+    release.set()
+    assert await until(lambda: bool(sleep.answers) and bool(queued.answers))
+    assert sleep.answers[0].ok  # it was already running
+    assert not queued.answers[0].ok and "stopping" in (queued.answers[0].error or "")

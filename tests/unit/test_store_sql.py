@@ -234,3 +234,7 @@ def test_array_literals() -> None:
     with pytest.raises(TypeError):
         store_sql.array_literal([True])
     assert store_sql.literal_params((["h"], [60.0])) == ('{"h"}', "{60.0}")
+
+
+def test_array_literal_of_numpy_numbers() -> None:
+    assert store_sql.array_literal([np.float64(1.5), None, np.int64(3)]) == "{1.5,NULL,3}"
