@@ -320,10 +320,12 @@ class FleetState:
         ``identities`` are (host, index, uuid, name) of GPUs that reported
         recently: one not yet heard from live gets its slot now, shown offline
         (its host has not reported) until it does. ``values`` has one column
-        per RING_METRICS entry. Only the ring changes: latest values, liveness,
-        counters and rates stay what live telemetry made them, and live
-        samples are never overwritten. Samples outside the ring window, newer
-        than ``now`` (a skewed clock) or of unknown GPUs are skipped.
+        per RING_METRICS entry. A GPU without live data yet also gets its
+        newest stored values as its latest ones (the table shows what it last
+        reported, marked offline). Liveness, counters and rates stay what live
+        telemetry made them, and live samples are never overwritten. Samples
+        outside the ring window, newer than ``now`` (a skewed clock) or of
+        unknown GPUs are skipped.
         """
         table = self._host_table
         for host, index, uuid, name in identities:
@@ -347,10 +349,19 @@ class FleetState:
         h = self.history_s
         ok &= secs > self._head_sec - h
         rows, cols, vals = rows[ok], secs[ok] % h, np.asarray(values, dtype=np.float32)[ok]
+        times = np.asarray(ts, dtype=np.float64)[ok]
         # Live samples win: only cells the live feed left empty are filled.
         empty = np.isnan(self._ring[:, cols, rows]).all(axis=0)
-        rows, cols, vals = rows[empty], cols[empty], vals[empty]
+        rows, cols, vals, times = rows[empty], cols[empty], vals[empty], times[empty]
         self._ring[:, cols, rows] = vals.T
+        if len(rows):
+            # Newest stored sample per row, for rows that have no live value at all.
+            order = np.lexsort((times, rows))  # by row, then time
+            last = order[np.r_[rows[order][1:] != rows[order][:-1], True]]
+            fresh = last[np.isneginf(self._slot_ts[rows[last]])]
+            r = rows[fresh]
+            self._latest[r, : len(RING_METRICS)] = vals[fresh]
+            self._slot_ts[r] = times[fresh]
         self.version += 1
         return len(rows)
 

@@ -97,7 +97,7 @@ async def test_station_shows_a_hand_started_agent_and_stores_its_history(
         # Seconds of GPUs 0 and 2 (GPU 1 was put to sleep above and reports no temperature).
         assert (np.isfinite(temps[[0, 2]]).sum(axis=1) >= 2).all(), np.isfinite(temps).sum(axis=1)
         assert not again.fleet.host_online("hand-01", time.time())
-        assert np.isnan(again.fleet.latest("temp_c")[rows]).all()  # history only, no live values
+        assert np.isfinite(again.fleet.latest("power_w")[rows]).all()  # the last stored values
     finally:
         await again.stop()
 

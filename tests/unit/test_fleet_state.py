@@ -317,8 +317,9 @@ def test_backfill_fills_an_empty_ring_and_shows_unheard_gpus_offline() -> None:
     m = f.matrix("temp_c", T0)
     np.testing.assert_allclose(m[0, -4:-2], [50.0, 51.0])  # seconds T0-3 and T0-2
     assert m[1, -3] == 60.0 and np.isnan(m[:, -2:]).all()
-    # Only the ring: no latest values, no traffic counted, the host has not reported.
-    assert np.isnan(f.latest("temp_c")).all()
+    # The newest stored values stand as latest ones; no traffic counted, the host has not reported.
+    np.testing.assert_allclose(f.latest("temp_c"), [51.0, 60.0])
+    assert np.isnan(f.latest("fan_pct")).all()  # not a ring metric: unknown
     assert f.messages_total == 0 and f.samples_total == 0
     assert (f.display_states(T0) == STATE_OFFLINE).all()
     # The first live message uses the same slots and brings them online.
