@@ -359,9 +359,9 @@ class FleetState:
             order = np.lexsort((times, rows))  # by row, then time
             last = order[np.r_[rows[order][1:] != rows[order][:-1], True]]
             fresh = last[np.isneginf(self._slot_ts[rows[last]])]
-            r = rows[fresh]
-            self._latest[r, : len(RING_METRICS)] = vals[fresh]
-            self._slot_ts[r] = times[fresh]
+            fresh_rows = rows[fresh]
+            self._latest[fresh_rows, : len(RING_METRICS)] = vals[fresh]
+            self._slot_ts[fresh_rows] = times[fresh]
         self.version += 1
         return len(rows)
 
