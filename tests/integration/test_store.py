@@ -413,3 +413,11 @@ async def test_array_literals_round_trip_through_postgresql(pg_dsn: str) -> None
             "SELECT %s::text[], %s::float8[], %s::int4[]", (array_literal(texts), array_literal(floats), array_literal([0, 7]))
         )
         assert await cur.fetchone() == (texts, floats, [0, 7])
+
+
+async def test_recent_keeps_the_newest_samples_when_agents_sample_faster_than_1_hz(store: Store) -> None:
+    now = time.time()
+    fast = [sample("fast", k, now - 20 + k / 3, gpus=1) for k in range(60)]  # 3 Hz for 20 s
+    await store.write_batch(fast, [])
+    got = await History(store.pool).recent(now, 600, ("temp_c",), max_samples=30)
+    assert len(got.keys) == 30 and got.ts.min() >= now - 10.1  # the newest 10 s, not the oldest
