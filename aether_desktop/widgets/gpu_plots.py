@@ -233,8 +233,9 @@ class GpuPlots(QWidget):
         )
 
     def _draw_live(self) -> None:
-        rows = [self._fleet.row_of(k) for k in self._keys]
-        if not self._keys or any(r is None for r in rows):
+        found = [self._fleet.row_of(k) for k in self._keys]
+        rows = [r for r in found if r is not None]
+        if not self._keys or len(rows) != len(found):
             return
         now = self._state.now()
         # The plotted window moves in whole seconds and changes only when one of

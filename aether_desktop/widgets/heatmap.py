@@ -89,7 +89,8 @@ class FleetHeatmap(QWidget):
     # ------------------------------------------------------------------ public
 
     @property
-    def metric(self) -> str:
+    def metric_name(self) -> str:
+        """The FleetState metric shown (not ``metric``: that is QPaintDevice's virtual method)."""
         return HEATMAP_METRICS[self.metric_combo.currentIndex()][1]
 
     def set_metric(self, metric: str) -> None:
@@ -117,7 +118,7 @@ class FleetHeatmap(QWidget):
         n = self._fleet.n_slots
         if n != len(self._order):
             self._reorder()
-        self._image = (self._fleet.matrix(self.metric, now, rows=self._order)[:, -self.window_s :] if n
+        self._image = (self._fleet.matrix(self.metric_name, now, rows=self._order)[:, -self.window_s :] if n
                        else np.zeros((0, self.window_s), np.float32))
         w = self.window_s
         if n:
@@ -187,7 +188,7 @@ class FleetHeatmap(QWidget):
             self.gpu_clicked.emit(self._keys[cell[0]])
 
     def _on_metric_changed(self, _index: int) -> None:
-        self.color_bar.setColorMap(pg.colormap.get(theme.HEATMAP_COLORMAPS[self.metric]))
+        self.color_bar.setColorMap(pg.colormap.get(theme.HEATMAP_COLORMAPS[self.metric_name]))
         self.refresh()
 
     def _on_fleet_tick(self) -> None:
@@ -214,4 +215,5 @@ def _group_rows(image: np.ndarray, max_rows: int) -> np.ndarray:
         image = np.vstack([image, np.full((pad, w), np.nan, dtype=image.dtype)])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN groups (offline hosts) stay NaN
-        return np.nanmax(image.reshape(-1, g, w), axis=1)
+        grouped: np.ndarray = np.nanmax(image.reshape(-1, g, w), axis=1)
+        return grouped
