@@ -85,11 +85,18 @@ async def test_migrations_from_empty_database(pg_dsn: str) -> None:
     assert await scalar(pg_dsn, "SELECT count(*) FROM schema_migrations") == len(every)
 
 
-async def test_upgrade_from_older_schema(pg_dsn: str, tmp_path: Path) -> None:
+def migrations_up_to(tmp_path: Path, last: int) -> Path:
+    """A folder holding this project's migrations 001..``last``: an older release's schema."""
     old = tmp_path / "old"
     old.mkdir()
-    for p in MIGRATIONS_DIR.glob("00[1-3]_*.sql"):
-        shutil.copy(p, old / p.name)
+    for m in discover_migrations():
+        if m.version <= last:
+            shutil.copy(m.path, old / m.path.name)
+    return old
+
+
+async def test_upgrade_from_older_schema(pg_dsn: str, tmp_path: Path) -> None:
+    old = migrations_up_to(tmp_path, 3)
     async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as conn:
         assert await apply_migrations(conn, old) == [1, 2, 3]
         # The newer release: same files plus later ones; only those run.
@@ -109,10 +116,7 @@ async def test_upgrade_from_older_schema(pg_dsn: str, tmp_path: Path) -> None:
 
 async def test_upgrade_to_006_moves_processes_into_telemetry(pg_dsn: str, tmp_path: Path) -> None:
     """A database written by the 001-005 schema keeps its samples and processes."""
-    old = tmp_path / "old"
-    old.mkdir()
-    for p in MIGRATIONS_DIR.glob("00[1-5]_*.sql"):
-        shutil.copy(p, old / p.name)
+    old = migrations_up_to(tmp_path, 5)
     async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as conn:
         await apply_migrations(conn, old)
         await conn.execute(
@@ -136,10 +140,7 @@ async def test_upgrade_to_006_moves_processes_into_telemetry(pg_dsn: str, tmp_pa
 
 
 async def test_upgrade_to_007_keeps_pending_rollup_markers_per_host(pg_dsn: str, tmp_path: Path) -> None:
-    old = tmp_path / "old"
-    old.mkdir()
-    for p in MIGRATIONS_DIR.glob("00[1-6]_*.sql"):
-        shutil.copy(p, old / p.name)
+    old = migrations_up_to(tmp_path, 6)
     async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as conn:
         await apply_migrations(conn, old)
         await conn.execute(

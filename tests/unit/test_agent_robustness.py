@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import sys
+import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -396,15 +397,18 @@ class FakeMsg:
         self.answers.append(decode_reply(payload))
 
 
-async def test_commands_are_answered_concurrently_and_a_flood_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    import threading
-
-    monkeypatch.setattr(agent_mod, "MAX_COMMANDS_IN_FLIGHT", 2)
+def agent_with_a_hanging_sleep() -> tuple[Agent, threading.Event]:
+    """An agent whose NVML sleep call hangs (a sick GPU) until the event is set."""
     backend = SimulatedBackend(2, seed=1, background_load=False)
     backend.read(1000.0)
     release = threading.Event()
     backend.sleep = lambda gpus: release.wait(10)  # type: ignore[method-assign]
-    agent = make_agent(backend)
+    return make_agent(backend), release
+
+
+async def test_commands_are_answered_concurrently_and_a_flood_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(agent_mod, "MAX_COMMANDS_IN_FLIGHT", 2)
+    agent, release = agent_with_a_hanging_sleep()
     sleep = FakeMsg({"v": 1, "id": "s", "op": "sleep", "gpus": [0]})
     ping = FakeMsg({"v": 1, "id": "p", "op": "ping"})
     extra = FakeMsg({"v": 1, "id": "x", "op": "wake", "gpus": [0]})
@@ -428,13 +432,7 @@ async def test_commands_are_answered_concurrently_and_a_flood_is_refused(monkeyp
 
 
 async def test_a_stopping_agent_refuses_control_commands_also_queued_ones() -> None:
-    import threading
-
-    backend = SimulatedBackend(2, seed=1, background_load=False)
-    backend.read(1000.0)
-    release = threading.Event()
-    backend.sleep = lambda gpus: release.wait(10)  # type: ignore[method-assign]
-    agent = make_agent(backend)
+    agent, release = agent_with_a_hanging_sleep()
     sleep = FakeMsg({"v": 1, "id": "s", "op": "sleep", "gpus": [0]})
     queued = FakeMsg({"v": 1, "id": "w", "op": "wake", "gpus": [1]})
     await agent._on_command(sleep)  # type: ignore[arg-type]
