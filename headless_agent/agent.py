@@ -276,9 +276,11 @@ class Agent:
             await self._respond(msg, reply(cmd_id, False, f"agent busy: {len(self._control_tasks)} commands in flight"))
             return
         task = asyncio.ensure_future(self._answer(msg))
-        for tasks in (self._command_tasks, self._control_tasks) if control else (self._command_tasks,):
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
+        self._command_tasks.add(task)
+        task.add_done_callback(self._command_tasks.discard)
+        if control:
+            self._control_tasks.add(task)
+            task.add_done_callback(self._control_tasks.discard)
 
     async def _answer(self, msg: Msg) -> None:
         # handle() answers every request itself, also when the backend fails in an unexpected way.

@@ -293,26 +293,23 @@ class History:
         """
         metrics = check_metrics(metrics)
         start = now - window_s
+        keys: list[GpuKey] = []
+        ts_parts: list[np.ndarray] = [np.empty(0)]
+        value_parts: list[np.ndarray] = [np.empty((0, len(metrics)), np.float32)]
         async with self._pool.connection() as conn:
             gpus = await (await conn.execute(RECENT_GPUS_SQL, (start, now))).fetchall()
-            if not gpus:
-                return RecentSamples(start, [], [], np.empty(0), np.empty((0, len(metrics)), np.float32))
-            start = max(start, now - max_samples / len(gpus))  # about 1 sample/s per GPU
-            keys: list[GpuKey] = []
-            ts_parts: list[np.ndarray] = []
-            value_parts: list[np.ndarray] = []
-            async with conn.transaction():  # a named cursor lives in a transaction
-                cur = conn.cursor("aether_recent")
-                await cur.execute(recent_sql(metrics).encode(), (start, now, max_samples))
-                # Converted chunk by chunk: no single step holds the loop for long.
-                while rows := await cur.fetchmany(chunk):
-                    keys += [(r[0], r[1]) for r in rows]
-                    ts_parts.append(np.array([r[2] for r in rows], dtype=np.float64))
-                    value_parts.append(np.array([r[3:] for r in rows], dtype=np.float32).reshape(len(rows), -1))
-                    await asyncio.sleep(0)
+            if gpus:
+                start = max(start, now - max_samples / len(gpus))  # about 1 sample/s per GPU
+                async with conn.transaction():  # a named cursor lives in a transaction
+                    cur = conn.cursor("aether_recent")
+                    await cur.execute(recent_sql(metrics).encode(), (start, now, max_samples))
+                    # Converted chunk by chunk: no single step holds the loop for long.
+                    while rows := await cur.fetchmany(chunk):
+                        keys += [(r[0], r[1]) for r in rows]
+                        ts_parts.append(np.array([r[2] for r in rows], dtype=np.float64))
+                        value_parts.append(np.array([r[3:] for r in rows], dtype=np.float32).reshape(len(rows), -1))
+                        await asyncio.sleep(0)
         identities = [(str(h), int(i), str(u), str(n)) for h, i, u, n in gpus]
-        if not keys:
-            return RecentSamples(start, identities, [], np.empty(0), np.empty((0, len(metrics)), np.float32))
         return RecentSamples(start, identities, keys, np.concatenate(ts_parts), np.concatenate(value_parts))
 
     async def export_csv(self, keys: Sequence[GpuKey], start: float, end: float, path: Path) -> int:

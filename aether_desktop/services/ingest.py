@@ -169,8 +169,7 @@ class JetStreamIngest:
         self._pipes: list[_Pipe] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._stop = asyncio.Event()
-        self._rows_since_rollup = 0
-        self._last_rows_at = -math.inf
+        self._last_rows_at = -math.inf  # monotonic() of the last batch that stored new rows
         # Set once the streams held nothing unstored at some status check: what was
         # published while the station was away is then in the database.
         self.caught_up = asyncio.Event()
@@ -316,7 +315,6 @@ class JetStreamIngest:
     async def _write(self, prepared: PreparedBatch) -> None:
         res = await self._store.write_prepared(prepared)
         if res.telemetry_rows:
-            self._rows_since_rollup += res.telemetry_rows
             self._last_rows_at = time.monotonic()
         s = self._status
         self._update(
@@ -389,19 +387,18 @@ class JetStreamIngest:
         assert self._rollup_interval_s is not None
         history = History(self._store.pool)
         # A minute is taken once quiet (or after waiting too long): keep refreshing that
-        # long after the last rows, so the last minute gets rolled up too.
+        # long after the last new rows, so the last minute gets rolled up too. Markers
+        # left over (the database was down meanwhile) go with the station's minutely
+        # maintenance refresh.
         linger_s = ROLLUP_MAX_WAIT_S + ROLLUP_QUIET_S + self._rollup_interval_s
         while not self._stop.is_set():
             await self._sleep(self._rollup_interval_s)
-            if self._rows_since_rollup == 0 and time.monotonic() - self._last_rows_at > linger_s:
+            if time.monotonic() - self._last_rows_at > linger_s:
                 continue
-            written = self._rows_since_rollup
             try:
                 await history.refresh_rollups()
             except psycopg.Error as exc:
                 log.info("rollup refresh postponed: %s", exc)
-                continue
-            self._rows_since_rollup -= written
 
     # ------------------------------------------------------------------ helpers
 

@@ -293,9 +293,9 @@ class TelemetryBatch:
 
     def gpu_params(self, keys: Sequence[tuple[str, int]] | None = None) -> tuple[list[object], ...]:
         """UNNEST parameters for UPSERT_GPUS_SQL: every GPU of the batch, or ``keys``."""
-        gpus = self.gpus
-        keys = sorted(gpus if keys is None else keys)
-        v = [gpus[k] for k in keys]
+        keys = sorted(self.gpus if keys is None else keys)
+        by_host = self.host_gpus  # no (host, index) dict built for the few rows that usually go
+        v = [by_host[h][i] for h, i in keys]
         return (
             [k[0] for k in keys],
             [k[1] for k in keys],
