@@ -260,7 +260,7 @@ async def _main(args: argparse.Namespace) -> None:
         store = Store(pg.get_uri())
         await store.open()
         nc = await nats.connect(url)
-        ingest = JetStreamIngest(nc, store, batch=args.batch)
+        ingest = JetStreamIngest(nc, store, batch=args.batch, telemetry_writers=args.writers)
         await ingest.start()
 
         total_rows = n_msgs * args.gpus
@@ -356,6 +356,7 @@ def main() -> None:
     p.add_argument("--gpus", type=int, default=8, help="GPUs per host message")
     p.add_argument("--procs", type=int, default=1, help="processes listed per GPU (rows in gpu_processes)")
     p.add_argument("--batch", type=int, default=2000)
+    p.add_argument("--writers", type=int, default=2, help="telemetry writer tasks (pooled connections)")
     p.add_argument("--gc-default", action="store_true", help="keep CPython's default GC thresholds")
     p.add_argument("--profile", action="store_true", help="cProfile the ingest process during the run")
     asyncio.run(_main(p.parse_args()))

@@ -16,7 +16,13 @@ import psycopg
 import pytest
 
 from aether_desktop.services.history import History
-from aether_desktop.services.store import MIGRATIONS_DIR, Store, apply_migrations, discover_migrations
+from aether_desktop.services.store import (
+    MIGRATIONS_DIR,
+    Store,
+    apply_migrations,
+    compression_settings,
+    discover_migrations,
+)
 from aether_protocol.messages import Event, GpuSample, Process, Telemetry
 
 pytestmark = pytest.mark.integration
@@ -93,6 +99,21 @@ def migrations_up_to(tmp_path: Path, last: int) -> Path:
         if m.version <= last:
             shutil.copy(m.path, old / m.path.name)
     return old
+
+
+async def test_timescaledb_compression_covers_the_unique_key(store: Store, pg_dsn: str) -> None:
+    """TimescaleDB refuses compression settings that leave a unique-key column
+    out of both segmentby and orderby; the settings come from the real key."""
+    async with await psycopg.AsyncConnection.connect(pg_dsn) as conn:
+        segment_by, order_by = await compression_settings(conn, "telemetry")
+        cur = await conn.execute(
+            "SELECT pg_get_indexdef(indexrelid) FROM pg_index WHERE indrelid = 'telemetry'::regclass AND indisunique"
+        )
+        keys = [str(r[0]) for r in await cur.fetchall()]
+    assert (segment_by, order_by) == ("host, gpu_index", "ts, boot, seq")
+    covered = {c.strip() for c in f"{segment_by}, {order_by}".split(",")}
+    for key in keys:  # e.g. "... USING btree (host, gpu_index, ts, boot, seq)"
+        assert set(key.rsplit("(", 1)[1].rstrip(")").replace(" ", "").split(",")) <= covered, key
 
 
 async def test_upgrade_from_older_schema(pg_dsn: str, tmp_path: Path) -> None:

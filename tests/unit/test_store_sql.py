@@ -7,6 +7,7 @@ import struct
 from pathlib import Path
 
 import msgspec
+import psycopg
 import numpy as np
 import pytest
 
@@ -238,3 +239,75 @@ def test_array_literals() -> None:
 
 def test_array_literal_of_numpy_numbers() -> None:
     assert store_sql.array_literal([np.float64(1.5), None, np.int64(3)]) == "{1.5,NULL,3}"
+
+
+# --------------------------------------------------------------------------- TimescaleDB (scripted connection)
+
+
+class _Cursor:
+    def __init__(self, rows: list[tuple[object, ...]]) -> None:
+        self._rows = rows
+
+    async def fetchone(self) -> tuple[object, ...] | None:
+        return self._rows[0] if self._rows else None
+
+    async def fetchall(self) -> list[tuple[object, ...]]:
+        return self._rows
+
+
+class _ScriptedTimescale:
+    """Answers enable_timescaledb's queries as a TimescaleDB 2.x server with the
+    real telemetry key would; ``refuse`` makes statements containing it fail."""
+
+    def __init__(self, refuse: str | None = None) -> None:
+        self.refuse = refuse
+        self.log: list[str] = []
+        self.rolled_back = 0
+
+    async def execute(self, sql: str | bytes, params: object = None) -> _Cursor:
+        text = sql.decode() if isinstance(sql, bytes) else sql
+        self.log.append(text)
+        if self.refuse and self.refuse in text:
+            raise psycopg.errors.FeatureNotSupported("column must be used for segmenting or ordering")
+        if "pg_available_extensions" in text:
+            return _Cursor([(1,)])
+        if "FROM pg_index" in text:
+            return _Cursor([("host",), ("gpu_index",), ("ts",), ("boot",), ("seq",)])
+        return _Cursor([])  # not yet a hypertable; DDL and policies return nothing we read
+
+    def transaction(self) -> "_Txn":
+        return _Txn(self)
+
+
+class _Txn:
+    def __init__(self, conn: _ScriptedTimescale) -> None:
+        self.conn = conn
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, et: object, exc: object, tb: object) -> bool:
+        if exc is not None:
+            self.conn.rolled_back += 1
+        return False
+
+
+async def test_timescaledb_conversion_statements() -> None:
+    conn = _ScriptedTimescale()
+    assert await store.enable_timescaledb(conn, raw_retention_days=7) is True  # type: ignore[arg-type]
+    alter = next(s for s in conn.log if s.startswith("ALTER TABLE telemetry"))
+    assert "compress_segmentby = 'host, gpu_index'" in alter
+    assert "compress_orderby = 'ts, boot, seq'" in alter  # every unique-key column is covered
+    (create,) = [s for s in conn.log if s.startswith("SELECT create_hypertable")]
+    assert "create_default_indexes => false" in create and "migrate_data => true" in create
+    assert any("add_compression_policy" in s for s in conn.log)
+    assert any("add_retention_policy" in s for s in conn.log)
+    assert "pg_advisory_unlock" in conn.log[-1] and conn.rolled_back == 0
+
+
+async def test_timescaledb_refusal_leaves_plain_tables(caplog: pytest.LogCaptureFixture) -> None:
+    conn = _ScriptedTimescale(refuse="timescaledb.compress")
+    assert await store.enable_timescaledb(conn) is False  # type: ignore[arg-type]
+    assert conn.rolled_back == 1  # the hypertable conversion went back with it
+    assert "pg_advisory_unlock" in conn.log[-1]
+    assert "stay plain PostgreSQL tables" in caplog.text
