@@ -7,8 +7,8 @@ import struct
 from pathlib import Path
 
 import msgspec
-import psycopg
 import numpy as np
+import psycopg
 import pytest
 
 from aether_desktop.services import history, store, store_sql
@@ -275,7 +275,7 @@ class _ScriptedTimescale:
             return _Cursor([("host",), ("gpu_index",), ("ts",), ("boot",), ("seq",)])
         return _Cursor([])  # not yet a hypertable; DDL and policies return nothing we read
 
-    def transaction(self) -> "_Txn":
+    def transaction(self) -> _Txn:
         return _Txn(self)
 
 
