@@ -142,6 +142,17 @@ async def apply_migrations(
 # over telemetry since 006.)
 _HYPERTABLES = ("telemetry",)
 _SEGMENT_BY = ("host", "gpu_index")  # one compressed segment per GPU: the plots' access path
+# Compression only from this release on: before the fix (timescale/timescaledb#7673,
+# merged February 2025; 2.19.0 is the first feature release certainly carrying it),
+# INSERT ... ON CONFLICT DO NOTHING into a compressed chunk stopped at the first
+# conflict and silently skipped the rest of the rows (#7672): exactly the staging
+# path's replay of a batch that holds already-stored samples.
+_COMPRESSION_MIN_VERSION = (2, 19, 0)
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    """``"2.18.1"`` -> (2, 18, 1); ``"2.19.0-dev"`` -> (2, 19, 0)."""
+    return tuple(int(p) for p in re.findall(r"\d+", version.split("-")[0])[:3])
 
 # Columns of every unique index of a table, key by key, in index order.
 _UNIQUE_KEY_COLUMNS_SQL = """SELECT a.attname
@@ -194,6 +205,10 @@ async def enable_timescaledb(conn: AsyncConnection, *, raw_retention_days: float
     except psycopg.Error as exc:  # e.g. not in shared_preload_libraries
         log.warning("TimescaleDB is installed but unusable (%s); using plain PostgreSQL tables", exc)
         return False
+    cur = await conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'timescaledb'")
+    row = await cur.fetchone()
+    version = str(row[0]) if row else "0"
+    compress = version_tuple(version) >= _COMPRESSION_MIN_VERSION
     await conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK_KEY,))
     try:
         async with conn.transaction():
@@ -212,15 +227,22 @@ async def enable_timescaledb(conn: AsyncConnection, *, raw_retention_days: float
                     " create_default_indexes => false, migrate_data => true)",
                     (table,),
                 )
-                segment_by, order_by = await compression_settings(conn, table)
-                await conn.execute(
-                    f"ALTER TABLE {table} SET (timescaledb.compress,"
-                    f" timescaledb.compress_segmentby = '{segment_by}',"
-                    f" timescaledb.compress_orderby = '{order_by}')".encode()
-                )
-                await conn.execute(
-                    "SELECT add_compression_policy(%s, interval '2 days', if_not_exists => true)", (table,)
-                )
+                if compress:
+                    segment_by, order_by = await compression_settings(conn, table)
+                    await conn.execute(
+                        f"ALTER TABLE {table} SET (timescaledb.compress,"
+                        f" timescaledb.compress_segmentby = '{segment_by}',"
+                        f" timescaledb.compress_orderby = '{order_by}')".encode()
+                    )
+                    await conn.execute(
+                        "SELECT add_compression_policy(%s, interval '2 days', if_not_exists => true)", (table,)
+                    )
+                else:
+                    log.warning(
+                        "TimescaleDB %s: %s stays uncompressed (compression needs %s+, where replayed"
+                        " samples cannot be skipped silently)",
+                        version, table, ".".join(map(str, _COMPRESSION_MIN_VERSION)),
+                    )  # fmt: skip
                 await conn.execute(
                     "SELECT add_retention_policy(%s, %s * interval '1 day', if_not_exists => true)",
                     (table, raw_retention_days),

@@ -259,8 +259,9 @@ class _ScriptedTimescale:
     """Answers enable_timescaledb's queries as a TimescaleDB 2.x server with the
     real telemetry key would; ``refuse`` makes statements containing it fail."""
 
-    def __init__(self, refuse: str | None = None) -> None:
+    def __init__(self, refuse: str | None = None, version: str = "2.22.1") -> None:
         self.refuse = refuse
+        self.version = version
         self.log: list[str] = []
         self.rolled_back = 0
 
@@ -271,6 +272,8 @@ class _ScriptedTimescale:
             raise psycopg.errors.FeatureNotSupported("column must be used for segmenting or ordering")
         if "pg_available_extensions" in text:
             return _Cursor([(1,)])
+        if "FROM pg_extension" in text:
+            return _Cursor([(self.version,)])
         if "FROM pg_index" in text:
             return _Cursor([("host",), ("gpu_index",), ("ts",), ("boot",), ("seq",)])
         return _Cursor([])  # not yet a hypertable; DDL and policies return nothing we read
@@ -311,3 +314,20 @@ async def test_timescaledb_refusal_leaves_plain_tables(caplog: pytest.LogCapture
     assert conn.rolled_back == 1  # the hypertable conversion went back with it
     assert "pg_advisory_unlock" in conn.log[-1]
     assert "stay plain PostgreSQL tables" in caplog.text
+
+
+async def test_timescaledb_before_2_19_is_not_compressed(caplog: pytest.LogCaptureFixture) -> None:
+    """Older releases skip rows after the first conflict in a compressed chunk
+    (timescale/timescaledb#7672): hypertable and retention, no compression."""
+    conn = _ScriptedTimescale(version="2.17.2")
+    assert await store.enable_timescaledb(conn) is True  # type: ignore[arg-type]
+    assert any("create_hypertable" in s for s in conn.log)
+    assert any("add_retention_policy" in s for s in conn.log)
+    assert not any("compress" in s for s in conn.log if "create_hypertable" not in s)
+    assert "stays uncompressed" in caplog.text
+
+
+def test_timescaledb_version_parsing() -> None:
+    assert store.version_tuple("2.18.1") == (2, 18, 1)
+    assert store.version_tuple("2.19.0-dev") == (2, 19, 0)
+    assert store.version_tuple("2.9.3") < (2, 18, 1) and store.version_tuple("0") < (2, 18, 1)
