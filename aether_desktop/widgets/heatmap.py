@@ -14,7 +14,7 @@ import warnings
 import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import QPointF, QRectF, Signal
-from PySide6.QtGui import QShowEvent
+from PySide6.QtGui import QFontMetricsF, QShowEvent
 from PySide6.QtWidgets import QComboBox, QHBoxLayout, QLabel, QVBoxLayout, QWidget
 
 from aether_desktop.widgets import theme
@@ -29,7 +29,29 @@ HEATMAP_METRICS: tuple[tuple[str, str, str, tuple[float, float] | None], ...] = 
 )
 MAX_IMAGE_ROWS = 2048  # more GPUs than this are drawn as groups (max of each group): more rows than pixels
 MIN_REFRESH_S = 0.5  # the ring has 1-second bins: redrawing faster only costs CPU
-MAX_ROW_LABELS = 40  # beyond this, labels only at host boundaries, thinned
+ROW_LABEL_SPACING = 1.15  # line heights per row label: labels never touch
+
+
+def row_ticks(keys: list[Key], lo: float, hi: float, height_px: float, line_px: float) -> list[tuple[float, str]]:
+    """Left-axis labels for the rows visible in [lo, hi], as many as fit ``height_px``.
+
+    Every visible row gets "host/gpu" when each has a label's height; otherwise
+    each host's name sits in the middle of its visible rows, and when even the
+    hosts do not fit, every k-th host's name marks the row where it starts.
+    """
+    first, last = max(0, math.floor(lo)), min(len(keys), math.ceil(hi))
+    if last <= first or height_px <= 0:
+        return []
+    capacity = max(1, int(height_px / (max(line_px, 1.0) * ROW_LABEL_SPACING)))
+    rows = range(first, last)
+    if len(rows) <= capacity:
+        return [(r + 0.5, f"{keys[r][0]}/{keys[r][1]}") for r in rows]
+    starts = [r for r in rows if r == first or keys[r][0] != keys[r - 1][0]]
+    if len(starts) <= capacity:  # each host's name in the middle of its visible rows
+        ends = [*starts[1:], last]
+        return [((s + e) / 2, keys[s][0]) for s, e in zip(starts, ends, strict=True)]
+    step = math.ceil(len(starts) / capacity)
+    return [(r + 0.5, keys[r][0]) for r in starts[::step]]
 
 
 class FleetHeatmap(QWidget):
@@ -44,6 +66,7 @@ class FleetHeatmap(QWidget):
         self.window_s = min(window_s or self._fleet.history_s, self._fleet.history_s)
         self._order = np.zeros(0, dtype=np.intp)  # display row -> slot row
         self._keys: list[Key] = []
+        self._ticks: list[tuple[float, str]] = []
         self._image = np.zeros((0, self.window_s), dtype=np.float32)
         self._t_end = 0.0
         self._dirty = True
@@ -82,6 +105,9 @@ class FleetHeatmap(QWidget):
         layout.addWidget(self.plot)
 
         self.metric_combo.currentIndexChanged.connect(self._on_metric_changed)
+        # Labels follow the axis' pixel height and the rows in view (resize, zoom, pan).
+        pi.getViewBox().sigResized.connect(self._update_ticks)
+        pi.getViewBox().sigYRangeChanged.connect(self._update_ticks)
         self.plot.scene().sigMouseMoved.connect(self._on_mouse_moved)
         self.plot.scene().sigMouseClicked.connect(self._on_mouse_clicked)
         state.fleet_tick.connect(self._on_fleet_tick)
@@ -144,16 +170,23 @@ class FleetHeatmap(QWidget):
         keys = self._fleet.keys()
         self._order = np.array(sorted(range(len(keys)), key=keys.__getitem__), dtype=np.intp)
         self._keys = [keys[r] for r in self._order]
-        n = len(self._keys)
-        ticks: list[tuple[float, str]] = []
-        if n <= MAX_ROW_LABELS:
-            ticks = [(i + 0.5, f"{h}/{g}") for i, (h, g) in enumerate(self._keys)]
-        else:
-            starts = [i for i, k in enumerate(self._keys) if i == 0 or k[0] != self._keys[i - 1][0]]
-            step = max(1, math.ceil(len(starts) / MAX_ROW_LABELS))
-            ticks = [(i + 0.5, self._keys[i][0]) for i in starts[::step]]
-        self.plot.getPlotItem().getAxis("left").setTicks([ticks, []])
-        self.plot.setYRange(0, max(n, 1), padding=0)
+        self.plot.setYRange(0, max(len(self._keys), 1), padding=0)
+        self._update_ticks()
+
+    def _update_ticks(self, *_args: object) -> None:
+        pi = self.plot.getPlotItem()
+        axis = pi.getAxis("left")
+        lo, hi = pi.getViewBox().viewRange()[1]
+        line_px = QFontMetricsF(axis.style.get("tickFont") or axis.font()).height()
+        ticks = row_ticks(self._keys, lo, hi, pi.getViewBox().height(), line_px)
+        if ticks != self._ticks:
+            self._ticks = ticks
+            axis.setTicks([ticks, []])
+
+    @property
+    def row_labels(self) -> list[tuple[float, str]]:
+        """The left axis' labels now: (row centre, text)."""
+        return list(self._ticks)
 
     def _cell_at(self, scene_pos: QPointF) -> tuple[int, int] | None:
         if not len(self._keys):

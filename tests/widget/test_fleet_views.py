@@ -14,6 +14,7 @@ from PySide6.QtWidgets import QLabel
 from aether_desktop.services.fleet import FleetState
 from aether_desktop.widgets.fleet_table import COL_HOST, COL_STATE, COL_TEMP
 from aether_desktop.widgets.gpu_plots import CUSTOM, LIVE
+from aether_desktop.widgets.heatmap import row_ticks
 from aether_desktop.widgets.main_window import MainWindow, group_by_host, write_history_csv
 from aether_desktop.widgets.state import HistoryData, QtState
 from aether_protocol.messages import GpuSample, Telemetry
@@ -191,6 +192,32 @@ def test_heatmap_shape_metric_hover_and_click(window: MainWindow, qtbot) -> None
         hm.gpu_clicked.emit(("node-b", 1))
     assert blocker.args == [("node-b", 1)]
     assert window.selected_keys == [("node-b", 1)]
+
+
+def test_row_labels_fit_the_pixels() -> None:
+    keys = [(f"h{h}", g) for h in range(4) for g in range(8)]  # 32 rows
+    # Room for every row: "host/gpu" at each row's centre.
+    assert row_ticks(keys, 0, 32, 32 * 20, 14)[:2] == [(0.5, "h0/0"), (1.5, "h0/1")]
+    # 210 px, 14 px lines: 13 labels fit, 32 rows do not -> host names, centred on their rows.
+    assert row_ticks(keys, 0, 32, 210, 14) == [(4.0, "h0"), (12.0, "h1"), (20.0, "h2"), (28.0, "h3")]
+    assert row_ticks(keys, 4, 20, 60, 14) == [(6.0, "h0"), (12.0, "h1"), (18.0, "h2")]  # clipped to the view
+    # Too many hosts even for that: thinned evenly.
+    many = [(f"n{h:03d}", g) for h in range(500) for g in range(8)]
+    ticks = row_ticks(many, 0, 4000, 300, 14)
+    assert 0 < len(ticks) <= 300 // (14 * 1.15) and ticks[0] == (0.5, "n000")
+    # Zoomed in on rows 8-12 of the 32: those rows, fully labelled; the first is mid-range.
+    assert row_ticks(keys, 8.2, 12, 210, 14) == [(8.5, "h1/0"), (9.5, "h1/1"), (10.5, "h1/2"), (11.5, "h1/3")]
+    assert row_ticks([], 0, 1, 200, 14) == [] and row_ticks(keys, 0, 32, 0, 14) == []
+
+
+def test_heatmap_labels_follow_its_height(window: MainWindow, qtbot) -> None:  # type: ignore[no-untyped-def]
+    hm = window.heatmap
+    hm.refresh()
+    assert [t for _, t in hm.row_labels][:2] == ["node-a/0", "node-a/1"]  # 12 rows fit
+    hm.plot.setFixedHeight(120)  # a small heatmap: host names only
+    qtbot.waitUntil(lambda: [t for _, t in hm.row_labels] == ["node-a", "node-b", "node-c"], timeout=3000)
+    hm.plot.setMinimumHeight(0)
+    hm.plot.setMaximumHeight(16777215)
 
 
 def test_sleep_action_calls_client_and_reports(window: MainWindow, commands: FakeCommands,
