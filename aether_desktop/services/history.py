@@ -90,16 +90,28 @@ def rollup_buckets_sql() -> str:
     """Recompute the given (host, bucket) minutes of every GPU of the host from raw rows.
 
     The host's GPUs come from the inventory (a GPU's first rows and its
-    inventory row are written together), so each one is an index range scan
-    on (host, gpu_index, ts) on any PostgreSQL version.
+    inventory row are written together). Each GPU-minute is aggregated in a
+    LATERAL subquery: an index range scan on (host, gpu_index, ts), whatever
+    the table's size. A plain join let the planner guess that a tenth of the
+    table matched the markers' time ranges, so it read the whole raw table
+    (1.1 s for 50 markers over 4.8 million rows) and compared each row with
+    every marker of its host; the LATERAL form reads only the minutes' rows
+    (28 ms) and costs PostgreSQL a quarter of the CPU per row rolled up.
     """
-    return _rollup_upsert(
+    aggs = rollup_aggregates()
+    cols = ", ".join(c for c, _ in aggs)
+    exprs = ", ".join(f"{e} AS {c}" for c, e in aggs)
+    updates = ", ".join(f"{c} = EXCLUDED.{c}" for c, _ in aggs)
+    return (
+        f"INSERT INTO telemetry_1m (host, gpu_index, bucket, {cols}) "
+        f"SELECT d.host, g.gpu_index, d.bucket, {', '.join(f'a.{c}' for c, _ in aggs)} "
         "FROM unnest(%s::text[], %s::timestamptz[]) AS d(host, bucket) "
         "JOIN gpus g ON g.host = d.host "
-        "JOIN telemetry t ON t.host = d.host AND t.gpu_index = g.gpu_index "
-        "AND t.ts >= d.bucket AND t.ts < d.bucket + interval '1 minute'",
-        "d.bucket",
-        "t.host, t.gpu_index, d.bucket",
+        f"CROSS JOIN LATERAL (SELECT {exprs} FROM telemetry t "
+        "WHERE t.host = d.host AND t.gpu_index = g.gpu_index "
+        "AND t.ts >= d.bucket AND t.ts < d.bucket + interval '1 minute') a "
+        "WHERE a.n > 0 "  # a GPU with no rows in that minute gets no rollup row
+        f"ON CONFLICT (host, gpu_index, bucket) DO UPDATE SET {updates}"
     )
 
 

@@ -9,13 +9,14 @@ import csv
 import shutil
 import time
 from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import psycopg
 import pytest
 
-from aether_desktop.services.history import History
+from aether_desktop.services.history import History, rollup_buckets_sql
 from aether_desktop.services.store import (
     MIGRATIONS_DIR,
     Store,
@@ -443,3 +444,27 @@ async def test_recent_keeps_the_newest_samples_when_agents_sample_faster_than_1_
     await store.write_batch(fast, [])
     got = await History(store.pool).recent(now, 600, ("temp_c",), max_samples=30)
     assert len(got.keys) == 30 and got.ts.min() >= now - 10.1  # the newest 10 s, not the oldest
+
+
+async def test_rollup_of_a_few_minutes_reads_only_their_rows(store: Store, pg_dsn: str) -> None:
+    """A refresh of a few host-minutes must be index range scans, not a pass over
+    the whole raw table (which a plain join of the markers planned: seconds per
+    refresh on a month of data)."""
+    hosts, seconds = 20, 1500  # 60,000 rows over 25 minutes
+    for start in range(0, seconds, 250):
+        await store.write_batch(
+            [sample(f"r{h:02d}", s, T0 + s) for s in range(start, start + 250) for h in range(hosts)], []
+        )
+    async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as conn:
+        await conn.execute("ANALYZE telemetry")
+        # One minute of every host: what a refresh takes once a minute has ended.
+        markers = ([f"r{h:02d}" for h in range(hosts)], [datetime.fromtimestamp(T0 + 600, tz=UTC)] * hosts)
+        cur = await conn.execute(("EXPLAIN " + rollup_buckets_sql()).encode(), markers)
+        plan = "\n".join(str(r[0]) for r in await cur.fetchall())
+    assert "Index Scan using telemetry_sample_key" in plan or "Index Scan on telemetry_sample_key" in plan, plan
+    assert "Seq Scan on telemetry t" not in plan, plan
+    # And the rollups are complete: 2 GPUs x 20 hosts x 60 samples in that minute.
+    hist = History(store.pool)
+    await hist.refresh_rollups(max_wait_s=0)
+    assert await scalar(pg_dsn, "SELECT count(*) FROM telemetry_1m") == hosts * 2 * 25
+    assert await scalar(pg_dsn, f"SELECT sum(n) FROM telemetry_1m WHERE bucket = to_timestamp({T0 + 600})") == 2400

@@ -161,6 +161,7 @@ def test_rollup_columns_match_the_migration() -> None:
     up = history.rollup_buckets_sql()
     assert "ON CONFLICT (host, gpu_index, bucket) DO UPDATE SET n = EXCLUDED.n" in up
     assert "unnest(%s::text[], %s::timestamptz[]) AS d(host, bucket) JOIN gpus g" in up
+    assert "CROSS JOIN LATERAL (SELECT count(*) AS n, " in up and "WHERE a.n > 0" in up
     assert "date_bin('1 minute', t.ts, timestamptz 'epoch')" in history.rollup_range_sql()
 
 
