@@ -140,7 +140,14 @@ RETURNING host, bucket"""
 
 
 def fetch_sql(metrics: Sequence[str], rollup: bool) -> str:
-    """Bucket-averaged series for several GPUs; params: hosts, indexes, start, end, start, width."""
+    """Bucket-averaged series for several GPUs; params: start, width, hosts, indexes, start, end.
+
+    Each GPU's rows come from a LATERAL subquery, fenced with OFFSET 0 so it is
+    not merged into a join: an index range scan on (host, gpu_index, time) per
+    GPU, however large the table. A join let the planner read every GPU's rows
+    in the range through the BRIN index and throw away all but the selected
+    GPUs' (301 ms instead of 96 ms for 16 GPUs x 1 h of a 400-GPU fleet).
+    """
     check_metrics(metrics)
     if rollup:
         epoch = "date_part('epoch', t.bucket)"
@@ -150,18 +157,21 @@ def fetch_sql(metrics: Sequence[str], rollup: bool) -> str:
             f"sum(t.{m}_avg * t.n) / nullif(sum(t.n) FILTER (WHERE t.{m}_avg IS NOT NULL), 0)"
             for m in metrics
         ]
-        table, tcol = "telemetry_1m", "t.bucket"
+        table, tcol = "telemetry_1m", "bucket"
+        read = ["bucket", "n", *(f"{m}_avg" for m in metrics)]
     else:
         epoch = "date_part('epoch', t.ts)"
         ts = f"avg({epoch})"
         vals = [f"avg(t.{m})::float8" for m in metrics]
-        table, tcol = "telemetry", "t.ts"
+        table, tcol = "telemetry", "ts"
+        read = ["ts", *metrics]
     cols = ", ".join([ts, *vals])
     return (
-        f"SELECT t.host, t.gpu_index, floor(({epoch} - %s) / %s)::bigint AS b, {cols} "
+        f"SELECT k.host, k.gpu_index, floor(({epoch} - %s) / %s)::bigint AS b, {cols} "
         f"FROM unnest(%s::text[], %s::int4[]) AS k(host, gpu_index) "
-        f"JOIN {table} t ON t.host = k.host AND t.gpu_index = k.gpu_index "
-        f"WHERE {tcol} >= to_timestamp(%s) AND {tcol} < to_timestamp(%s) "
+        f"CROSS JOIN LATERAL (SELECT {', '.join(read)} FROM {table} "
+        f"WHERE host = k.host AND gpu_index = k.gpu_index "
+        f"AND {tcol} >= to_timestamp(%s) AND {tcol} < to_timestamp(%s) OFFSET 0) t "
         f"GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"
     )
 
