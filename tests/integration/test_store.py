@@ -16,7 +16,7 @@ import numpy as np
 import psycopg
 import pytest
 
-from aether_desktop.services.history import History, rollup_buckets_sql
+from aether_desktop.services.history import History, fetch_sql, rollup_buckets_sql
 from aether_desktop.services.store import (
     MIGRATIONS_DIR,
     Store,
@@ -463,6 +463,12 @@ async def test_rollup_of_a_few_minutes_reads_only_their_rows(store: Store, pg_ds
         plan = "\n".join(str(r[0]) for r in await cur.fetchall())
     assert "Index Scan using telemetry_sample_key" in plan or "Index Scan on telemetry_sample_key" in plan, plan
     assert "Seq Scan on telemetry t" not in plan, plan
+    # Plots read each selected GPU's range through the same index, not the whole fleet's rows.
+    async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as conn:
+        params = (T0, 10.0, ["r00", "r01"], [0, 1], T0, T0 + seconds)
+        cur = await conn.execute(("EXPLAIN " + fetch_sql(["temp_c"], rollup=False)).encode(), params)
+        plan = "\n".join(str(r[0]) for r in await cur.fetchall())
+    assert "telemetry_sample_key" in plan and "Seq Scan on telemetry" not in plan, plan
     # And the rollups are complete: 2 GPUs x 20 hosts x 60 samples in that minute.
     hist = History(store.pool)
     await hist.refresh_rollups(max_wait_s=0)
