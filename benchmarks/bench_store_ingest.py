@@ -17,9 +17,9 @@ CPU seconds per process (psutil) show which one limits; ``--profile`` runs
 cProfile in the ingest process (it inflates call-heavy code such as row
 building several times over: use it for where, not for how much).
 
-Baseline measured in the same run: the naive writer, one INSERT per GPU sample
-in autocommit, into the same telemetry table. Then a history query of
-16 GPUs x 24 h read from the one-minute rollups.
+Baseline measured in the same run, first, while the server is idle: the naive
+writer, one INSERT per GPU sample in autocommit, into the same telemetry table.
+At the end, a history query of 16 GPUs x 24 h read from the one-minute rollups.
 
     python benchmarks/bench_store_ingest.py [--quick] [--phase both|live|drain] [--messages N]
         [--hosts H] [--gpus G] [--writers W] [--gc-default]
@@ -185,7 +185,8 @@ async def _baseline(dsn: str, rows: int, gpus: int) -> float:
 
     from aether_protocol.messages import decode_telemetry
 
-    msgs = [decode_telemetry(m) for m in _make_messages(rows // gpus + 1, 4, gpus)]
+    # Its own day (before the phases'), so no phase's rollups read its rows.
+    msgs = [decode_telemetry(m) for m in _make_messages(rows // gpus + 1, 4, gpus, t0=T0 - 86400.0)]
     sql = (
         "INSERT INTO telemetry (host, gpu_index, gpu_uuid, ts, boot, seq, host_state, state, temp_c,"
         " mem_used_mib, mem_total_mib, util_pct, mem_util_pct, power_w, power_limit_w, sm_clock_mhz,"
@@ -436,14 +437,16 @@ async def _main(args: argparse.Namespace) -> None:
             f"cores: {os.cpu_count()}, load avg {os.getloadavg()[0]:.1f}; {n_msgs} host messages x"
             f" {args.gpus} GPUs = {total_rows} GPU samples ({args.procs} process row(s) each) per phase"
         )
+        # The baseline first, on an idle server: measured after the phases, it
+        # could land on their checkpoints and autovacuums and look slower.
+        baseline = await _baseline(pg.get_uri(), base_rows, args.gpus)
+        print(f"baseline (one INSERT per sample, autocommit): {baseline:,.0f} rows/s")
         rates: dict[str, tuple[float, float]] = {}
         phases = ["live", "drain"] if args.phase == "both" else [args.phase]
         for i, phase in enumerate(phases):
             rates[phase] = await _phase(args, phase, f"b{i}", n_msgs, nc, store, url, nproc.pid, tmp / "pg")
         await nc.close()
 
-        baseline = await _baseline(pg.get_uri(), base_rows, args.gpus)
-        print(f"baseline (one INSERT per sample, autocommit): {baseline:,.0f} rows/s")
         for phase, (stored, rolled) in rates.items():
             print(
                 f"ratio, {phase}: stored+acked {stored:,.0f} rows/s = {stored / baseline:.1f}x;"
