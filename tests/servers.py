@@ -124,8 +124,9 @@ _db_counter = 0
 
 
 @pytest.fixture
-def pg_dsn(pg_server: object) -> str:
-    """A fresh, empty database on the session's PostgreSQL server."""
+def pg_dsn(pg_server: object) -> Iterator[str]:
+    """A fresh, empty database on the session's PostgreSQL server (dropped afterwards on an
+    external server; the embedded one is deleted whole)."""
     import psycopg
 
     global _db_counter
@@ -134,7 +135,13 @@ def pg_dsn(pg_server: object) -> str:
     name = f"t{_db_counter}_{int(time.time() * 1000) % 10_000_000}"
     with psycopg.connect(base, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
-    return _with_dbname(base, name)
+    yield _with_dbname(base, name)
+    if isinstance(pg_server, ExternalPostgres):
+        try:
+            with psycopg.connect(base, autocommit=True) as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        except psycopg.Error as exc:  # leave it; the test's result stands
+            print(f"could not drop test database {name}: {exc}")
 
 
 def _with_dbname(dsn: str, name: str) -> str:
