@@ -192,15 +192,20 @@ EXPORT_COLUMNS = (
 
 
 def export_sql(all_gpus: bool) -> str:
+    """CSV of raw samples in a time range; params: [hosts, indexes,] start, end.
+
+    Selected GPUs are read like the plots read them (:func:`fetch_sql`): one
+    index range scan per GPU, not the whole fleet's rows in the range."""
     where = "ts >= to_timestamp(%s) AND ts < to_timestamp(%s)"
-    src = "telemetry"
-    if not all_gpus:
+    if all_gpus:
+        src = f"(SELECT * FROM telemetry WHERE {where}) t"
+    else:
         src = (
-            "telemetry JOIN unnest(%s::text[], %s::int4[]) AS k(h, g) "
-            "ON telemetry.host = k.h AND telemetry.gpu_index = k.g"
+            "unnest(%s::text[], %s::int4[]) AS k(h, g) CROSS JOIN LATERAL "
+            f"(SELECT * FROM telemetry WHERE host = k.h AND gpu_index = k.g AND {where} OFFSET 0) t"
         )
     return (
-        f"COPY (SELECT {', '.join(EXPORT_COLUMNS)} FROM {src} WHERE {where} "
+        f"COPY (SELECT {', '.join(EXPORT_COLUMNS)} FROM {src} "
         f"ORDER BY ts, host, gpu_index) TO STDOUT WITH (FORMAT csv, HEADER true)"
     )
 
