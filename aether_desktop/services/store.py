@@ -150,9 +150,11 @@ _SEGMENT_BY = ("host", "gpu_index")  # one compressed segment per GPU: the plots
 _COMPRESSION_MIN_VERSION = (2, 19, 0)
 
 
-def version_tuple(version: str) -> tuple[int, ...]:
-    """``"2.18.1"`` -> (2, 18, 1); ``"2.19.0-dev"`` -> (2, 19, 0)."""
-    return tuple(int(p) for p in re.findall(r"\d+", version.split("-")[0])[:3])
+def version_tuple(version: str) -> tuple[int, int, int]:
+    """``"2.18.1"`` -> (2, 18, 1); ``"2.19.0-dev"`` -> (2, 19, 0); ``"2.19"`` -> (2, 19, 0)."""
+    parts = [int(p) for p in re.findall(r"\d+", version.split("-")[0])[:3]]
+    parts += [0] * (3 - len(parts))
+    return parts[0], parts[1], parts[2]
 
 # Columns of every unique index of a table, key by key, in index order.
 _UNIQUE_KEY_COLUMNS_SQL = """SELECT a.attname
@@ -214,20 +216,23 @@ async def enable_timescaledb(conn: AsyncConnection, *, raw_retention_days: float
         async with conn.transaction():
             for table in _HYPERTABLES:
                 cur = await conn.execute(
-                    "SELECT 1 FROM timescaledb_information.hypertables WHERE hypertable_name = %s", (table,)
-                )
-                if await cur.fetchone() is not None:
-                    continue
-                log.info("converting %s to a TimescaleDB hypertable", table)
-                # No default (ts DESC) btree: the BRIN on ts and the unique key
-                # (host, gpu_index, ts, ...) serve every query, and one more
-                # btree per row would cost ingest a fifth of its speed.
-                await conn.execute(
-                    "SELECT create_hypertable(%s, 'ts', chunk_time_interval => interval '1 day',"
-                    " create_default_indexes => false, migrate_data => true)",
+                    "SELECT compression_enabled FROM timescaledb_information.hypertables"
+                    " WHERE hypertable_name = %s",
                     (table,),
                 )
-                if compress:
+                row = await cur.fetchone()
+                compressed = bool(row[0]) if row is not None else False
+                if row is None:
+                    log.info("converting %s to a TimescaleDB hypertable", table)
+                    # No default (ts DESC) btree: the BRIN on ts and the unique key
+                    # (host, gpu_index, ts, ...) serve every query, and one more
+                    # btree per row would cost ingest a fifth of its speed.
+                    await conn.execute(
+                        "SELECT create_hypertable(%s, 'ts', chunk_time_interval => interval '1 day',"
+                        " create_default_indexes => false, migrate_data => true)",
+                        (table,),
+                    )
+                if compress and not compressed:  # new, or TimescaleDB was upgraded to 2.19+
                     segment_by, order_by = await compression_settings(conn, table)
                     await conn.execute(
                         f"ALTER TABLE {table} SET (timescaledb.compress,"
@@ -237,10 +242,14 @@ async def enable_timescaledb(conn: AsyncConnection, *, raw_retention_days: float
                     await conn.execute(
                         "SELECT add_compression_policy(%s, interval '2 days', if_not_exists => true)", (table,)
                     )
-                else:
+                elif not compress:
+                    if compressed:
+                        # Compressed by an earlier station or by hand: compress no more
+                        # chunks (those already compressed stay so).
+                        await conn.execute("SELECT remove_compression_policy(%s, if_exists => true)", (table,))
                     log.warning(
-                        "TimescaleDB %s: %s stays uncompressed (compression needs %s+, where replayed"
-                        " samples cannot be skipped silently)",
+                        "TimescaleDB %s: %s is not compressed further (compression needs %s+, where"
+                        " replayed samples cannot be skipped silently)",
                         version, table, ".".join(map(str, _COMPRESSION_MIN_VERSION)),
                     )  # fmt: skip
                 await conn.execute(
@@ -248,7 +257,7 @@ async def enable_timescaledb(conn: AsyncConnection, *, raw_retention_days: float
                     (table, raw_retention_days),
                 )
     except psycopg.Error as exc:
-        log.warning("TimescaleDB refused converting the raw tables (%s); they stay plain PostgreSQL tables", exc)
+        log.warning("TimescaleDB refused a step (%s); rolled back, the raw tables stay as they were", exc)
         return False
     finally:
         await conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK_KEY,))

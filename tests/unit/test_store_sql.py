@@ -261,9 +261,11 @@ class _ScriptedTimescale:
     """Answers enable_timescaledb's queries as a TimescaleDB 2.x server with the
     real telemetry key would; ``refuse`` makes statements containing it fail."""
 
-    def __init__(self, refuse: str | None = None, version: str = "2.22.1") -> None:
+    def __init__(self, refuse: str | None = None, version: str = "2.22.1",
+                 existing: bool | None = None) -> None:
         self.refuse = refuse
         self.version = version
+        self.existing = existing  # None: not a hypertable yet; else its compression_enabled
         self.log: list[str] = []
         self.rolled_back = 0
 
@@ -276,6 +278,8 @@ class _ScriptedTimescale:
             return _Cursor([(1,)])
         if "FROM pg_extension" in text:
             return _Cursor([(self.version,)])
+        if "timescaledb_information.hypertables" in text:
+            return _Cursor([] if self.existing is None else [(self.existing,)])
         if "FROM pg_index" in text:
             return _Cursor([("host",), ("gpu_index",), ("ts",), ("boot",), ("seq",)])
         return _Cursor([])  # not yet a hypertable; DDL and policies return nothing we read
@@ -315,7 +319,7 @@ async def test_timescaledb_refusal_leaves_plain_tables(caplog: pytest.LogCapture
     assert await store.enable_timescaledb(conn) is False  # type: ignore[arg-type]
     assert conn.rolled_back == 1  # the hypertable conversion went back with it
     assert "pg_advisory_unlock" in conn.log[-1]
-    assert "stay plain PostgreSQL tables" in caplog.text
+    assert "rolled back, the raw tables stay as they were" in caplog.text
 
 
 async def test_timescaledb_before_2_19_is_not_compressed(caplog: pytest.LogCaptureFixture) -> None:
@@ -325,11 +329,31 @@ async def test_timescaledb_before_2_19_is_not_compressed(caplog: pytest.LogCaptu
     assert await store.enable_timescaledb(conn) is True  # type: ignore[arg-type]
     assert any("create_hypertable" in s for s in conn.log)
     assert any("add_retention_policy" in s for s in conn.log)
-    assert not any("compress" in s for s in conn.log if "create_hypertable" not in s)
-    assert "stays uncompressed" in caplog.text
+    assert not any("timescaledb.compress," in s or "compression_policy" in s for s in conn.log)
+    assert "is not compressed further" in caplog.text
+
+
+async def test_timescaledb_existing_hypertables(caplog: pytest.LogCaptureFixture) -> None:
+    # Compressed by an earlier station on a release before the ON CONFLICT fix: no more compression.
+    old = _ScriptedTimescale(version="2.17.2", existing=True)
+    assert await store.enable_timescaledb(old) is True  # type: ignore[arg-type]
+    assert not any("create_hypertable" in s for s in old.log)
+    assert any("remove_compression_policy" in s for s in old.log)
+    assert not any("timescaledb.compress," in s for s in old.log)
+    # Uncompressed hypertable, TimescaleDB now 2.19+: compression is turned on.
+    upgraded = _ScriptedTimescale(version="2.19.0", existing=False)
+    assert await store.enable_timescaledb(upgraded) is True  # type: ignore[arg-type]
+    assert any("compress_orderby = 'ts, boot, seq'" in s for s in upgraded.log)
+    assert any("add_compression_policy" in s for s in upgraded.log)
+    # Already compressed on 2.19+: left as it is (retention policy ensured).
+    done = _ScriptedTimescale(existing=True)
+    assert await store.enable_timescaledb(done) is True  # type: ignore[arg-type]
+    assert not any("timescaledb.compress," in s or "compression_policy" in s for s in done.log)
+    assert any("add_retention_policy" in s for s in done.log)
 
 
 def test_timescaledb_version_parsing() -> None:
     assert store.version_tuple("2.18.1") == (2, 18, 1)
     assert store.version_tuple("2.19.0-dev") == (2, 19, 0)
     assert store.version_tuple("2.9.3") < (2, 18, 1) and store.version_tuple("0") < (2, 18, 1)
+    assert store.version_tuple("2.19") == (2, 19, 0) >= (2, 19, 0)
