@@ -33,25 +33,28 @@ ROW_LABEL_SPACING = 1.15  # line heights per row label: labels never touch
 
 
 def row_ticks(keys: list[Key], lo: float, hi: float, height_px: float, line_px: float) -> list[tuple[float, str]]:
-    """Left-axis labels for the rows visible in [lo, hi], as many as fit ``height_px``.
+    """Left-axis labels for the view [lo, hi] (in rows) drawn ``height_px`` tall.
 
-    Every visible row gets "host/gpu" when each has a label's height; otherwise
-    each host's name sits in the middle of its visible rows, and when even the
-    hosts do not fit, every k-th host's name marks the row where it starts.
+    Every visible row gets "host/gpu" when each row is a label's height;
+    otherwise each host's name sits in the middle of its visible rows, kept
+    only when it is a label's height away from the last one kept (hosts of
+    very different sizes, or a view zoomed out past the rows, thin out).
     """
     first, last = max(0, math.floor(lo)), min(len(keys), math.ceil(hi))
-    if last <= first or height_px <= 0:
+    if last <= first or height_px <= 0 or hi <= lo:
         return []
-    capacity = max(1, int(height_px / (max(line_px, 1.0) * ROW_LABEL_SPACING)))
+    gap = max(line_px, 1.0) * ROW_LABEL_SPACING * (hi - lo) / height_px  # rows between two labels
     rows = range(first, last)
-    if len(rows) <= capacity:
+    if gap <= 1.0:
         return [(r + 0.5, f"{keys[r][0]}/{keys[r][1]}") for r in rows]
     starts = [r for r in rows if r == first or keys[r][0] != keys[r - 1][0]]
-    if len(starts) <= capacity:  # each host's name in the middle of its visible rows
-        ends = [*starts[1:], last]
-        return [((s + e) / 2, keys[s][0]) for s, e in zip(starts, ends, strict=True)]
-    step = math.ceil(len(starts) / capacity)
-    return [(r + 0.5, keys[r][0]) for r in starts[::step]]
+    ends = [*starts[1:], last]
+    out: list[tuple[float, str]] = []
+    for s, e in zip(starts, ends, strict=True):
+        centre = (s + e) / 2
+        if not out or centre - out[-1][0] >= gap:
+            out.append((centre, keys[s][0]))
+    return out
 
 
 class FleetHeatmap(QWidget):

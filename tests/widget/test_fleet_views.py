@@ -196,15 +196,26 @@ def test_heatmap_shape_metric_hover_and_click(window: MainWindow, qtbot) -> None
 
 def test_row_labels_fit_the_pixels() -> None:
     keys = [(f"h{h}", g) for h in range(4) for g in range(8)]  # 32 rows
+
+    def spaced(ticks: list[tuple[float, str]], lo: float, hi: float, px: float) -> bool:
+        gap = 14 * 1.15 * (hi - lo) / px  # rows per label height
+        return all(b[0] - a[0] >= gap - 1e-9 for a, b in zip(ticks, ticks[1:], strict=False))
+
     # Room for every row: "host/gpu" at each row's centre.
     assert row_ticks(keys, 0, 32, 32 * 20, 14)[:2] == [(0.5, "h0/0"), (1.5, "h0/1")]
-    # 210 px, 14 px lines: 13 labels fit, 32 rows do not -> host names, centred on their rows.
+    # 210 px, 14 px lines: 32 rows do not fit -> host names, centred on their rows.
     assert row_ticks(keys, 0, 32, 210, 14) == [(4.0, "h0"), (12.0, "h1"), (20.0, "h2"), (28.0, "h3")]
     assert row_ticks(keys, 4, 20, 60, 14) == [(6.0, "h0"), (12.0, "h1"), (18.0, "h2")]  # clipped to the view
-    # Too many hosts even for that: thinned evenly.
+    # Too many hosts even for that: thinned, never closer than a label's height.
     many = [(f"n{h:03d}", g) for h in range(500) for g in range(8)]
     ticks = row_ticks(many, 0, 4000, 300, 14)
-    assert 0 < len(ticks) <= 300 // (14 * 1.15) and ticks[0] == (0.5, "n000")
+    assert ticks[0] == (4.0, "n000") and 10 <= len(ticks) <= 20 and spaced(ticks, 0, 4000, 300)
+    # Zoomed out past the rows: labels still do not touch.
+    assert row_ticks(keys, -200, 32, 600, 14) == [(4.0, "h0"), (12.0, "h1"), (20.0, "h2"), (28.0, "h3")]
+    # One big host and many small ones: the small ones thin out.
+    mixed = [("big", g) for g in range(100)] + [(f"s{h:02d}", 0) for h in range(19)]
+    ticks = row_ticks(mixed, 0, 119, 600, 14)
+    assert ticks[0] == (50.0, "big") and spaced(ticks, 0, 119, 600) and len(ticks) < 20
     # Zoomed in on rows 8-12 of the 32: those rows, fully labelled; the first is mid-range.
     assert row_ticks(keys, 8.2, 12, 210, 14) == [(8.5, "h1/0"), (9.5, "h1/1"), (10.5, "h1/2"), (11.5, "h1/3")]
     assert row_ticks([], 0, 1, 200, 14) == [] and row_ticks(keys, 0, 32, 0, 14) == []
