@@ -163,7 +163,7 @@ def _cpu_report(before: CpuTimes, after: CpuTimes) -> str:
     return ", ".join(parts)
 
 
-def _roles(nats_pid: int, pub_pid: int, pgdata: Path) -> dict[str, list[int]]:
+def _roles(nats_pid: int, pub_pid: int | None, pgdata: Path) -> dict[str, list[int]]:
     """Processes by role; PostgreSQL's are this run's postmaster and its children."""
     try:
         import psutil
@@ -173,7 +173,8 @@ def _roles(nats_pid: int, pub_pid: int, pgdata: Path) -> dict[str, list[int]]:
     for proc in psutil.process_iter(["cmdline"]):
         if str(pgdata) in " ".join(proc.info["cmdline"] or ()):
             pg += [proc.pid, *(c.pid for c in proc.children())]
-    return {"ingest": [os.getpid()], "postgres": pg, "nats-server": [nats_pid], "publisher": [pub_pid]}
+    pub = [] if pub_pid is None else [pub_pid]
+    return {"ingest": [os.getpid()], "postgres": pg, "nats-server": [nats_pid], "publisher": pub}
 
 
 # --------------------------------------------------------------------------- benchmark
@@ -293,83 +294,100 @@ async def _phase(
         stdout=subprocess.PIPE,
         text=True,
     )
-    assert pub.stdin is not None and pub.stdout is not None
-    await asyncio.to_thread(pub.stdout.readline)  # "ready"
-    ingest = JetStreamIngest(nc, store, batch=args.batch, telemetry_writers=args.writers)
-    if phase == "drain":
-        await ensure_streams(nc.jetstream(), subjects.DEFAULT_PREFIX, max_age_s=86400.0, duplicate_window_s=120.0)
-        pub.stdin.write("go\n")
-        pub.stdin.flush()
-        print(f"{phase}: {(await asyncio.to_thread(pub.stdout.readline)).strip()} (before the clock starts)")
-        pub.wait()
-        total_rows = _check_held(phase, await held_when_settled(), n_msgs, args.gpus)
-    roles = _roles(nats_pid, pub.pid, pgdata)
-    cpu0 = _cpu_seconds(roles)
-    prof = None
-    if args.profile:
-        import cProfile
+    ingest: Any = None
+    try:
+        assert pub.stdin is not None and pub.stdout is not None
+        await asyncio.to_thread(pub.stdout.readline)  # "ready"
+        ingest = JetStreamIngest(nc, store, batch=args.batch, telemetry_writers=args.writers)
+        if phase == "drain":
+            await ensure_streams(nc.jetstream(), subjects.DEFAULT_PREFIX, max_age_s=86400.0, duplicate_window_s=120.0)
+            pub.stdin.write("go\n")
+            pub.stdin.flush()
+            print(f"{phase}: {(await asyncio.to_thread(pub.stdout.readline)).strip()} (before the clock starts)")
+            pub.wait()
+            total_rows = _check_held(phase, await held_when_settled(), n_msgs, args.gpus)
+        # The drain's publisher is gone (reaped: its pid may be reused); the live one is
+        # read before it is reaped.
+        pub_pid = pub.pid if phase == "live" else None
+        roles = _roles(nats_pid, pub_pid, pgdata)
+        cpu0 = _cpu_seconds(roles)
+        prof = None
+        if args.profile:
+            import cProfile
 
-        prof = cProfile.Profile()
-        prof.enable()
-    t = time.perf_counter()
-    await ingest.start()
-    published: asyncio.Task[str] | None = None
-    if phase == "live":
-        pub.stdin.write("go\n")
-        pub.stdin.flush()
-        # Its last line says it is done (the process is not reaped before its CPU time is read).
-        published = asyncio.create_task(asyncio.to_thread(pub.stdout.readline))
-    deadline = t + 300
-    # (rows, seconds) at each quarter: a table that grows costs PostgreSQL more per row.
-    marks: list[tuple[int, float]] = []
-    settle: asyncio.Task[int] | None = None
-    while ingest.status.rows_written < total_rows and time.perf_counter() < deadline:
-        await asyncio.sleep(0.02)
-        if ingest.status.rows_written >= (len(marks) + 1) * total_rows / 4:
-            marks.append((ingest.status.rows_written, time.perf_counter() - t))
-        if published is not None and published.done() and settle is None:
-            settle = asyncio.create_task(held_when_settled())
-        if settle is not None and settle.done():
-            total_rows = _check_held(phase, settle.result(), n_msgs, args.gpus)
-    dt = time.perf_counter() - t
-    # Roles again: backends of connections the pool opened during the run.
-    cpu1 = _cpu_seconds(_roles(nats_pid, pub.pid, pgdata))
-    if prof is not None:
-        import pstats
+            prof = cProfile.Profile()
+            prof.enable()
+        t = time.perf_counter()
+        await ingest.start()
+        published: asyncio.Task[str] | None = None
+        if phase == "live":
+            pub.stdin.write("go\n")
+            pub.stdin.flush()
+            # Its last line says it is done (the process is not reaped before its CPU time is read).
+            published = asyncio.create_task(asyncio.to_thread(pub.stdout.readline))
+        deadline = t + 300
+        # (rows, seconds) at each quarter: a table that grows costs PostgreSQL more per row.
+        marks: list[tuple[int, float]] = []
+        settle: asyncio.Task[int] | None = None
+        held_checked = False
+        while ingest.status.rows_written < total_rows and time.perf_counter() < deadline:
+            await asyncio.sleep(0.02)
+            if ingest.status.rows_written >= (len(marks) + 1) * total_rows / 4:
+                marks.append((ingest.status.rows_written, time.perf_counter() - t))
+            if published is not None and published.done() and settle is None:
+                settle = asyncio.create_task(held_when_settled())
+            if settle is not None and settle.done() and not held_checked:
+                total_rows = _check_held(phase, settle.result(), n_msgs, args.gpus)
+                held_checked = True
+        dt = time.perf_counter() - t
+        # Roles again: backends of connections the pool opened during the run.
+        cpu1 = _cpu_seconds(_roles(nats_pid, pub_pid, pgdata))
+        if prof is not None:
+            import pstats
 
-        prof.disable()
-        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
-    if published is not None:
-        print(f"{phase}: {(await published).strip()}")
+            prof.disable()
+            pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+        if published is not None:
+            print(f"{phase}: {(await published).strip()}")
+            pub.wait()
+        if settle is not None:
+            settle.cancel()
+        written = ingest.status.rows_written
+        # History is complete once the one-minute rollups cover the rows too. The
+        # ingest's refresh takes a minute once it has been quiet for 5 s, so in a
+        # run this short much of that work would come after the clock stopped:
+        # take what is left now and stop the second clock when it is done.
+        await History(store.pool).refresh_rollups(quiet_s=0, max_wait_s=0)
+        dt_rolled = time.perf_counter() - t
+        # The publisher has been reaped since cpu1: it keeps the CPU time it had then.
+        now2 = _cpu_seconds(_roles(nats_pid, None, pgdata))
+        roles2 = [*cpu1, *(r for r in now2 if r not in cpu1)]
+        cpu2 = {role: {**cpu1.get(role, {}), **now2.get(role, {})} for role in roles2}
+        await ingest.stop()
+        rate = written / dt
+        rolled = written / dt_rolled
+        print(f"{phase}: {written} rows stored+acked in {dt:.2f}s = {rate:,.0f} rows/s")
+        print(f"{phase}: stored and rolled up into telemetry_1m in {dt_rolled:.2f}s = {rolled:,.0f} rows/s")
+        prev = (0, 0.0)
+        quarters = []
+        for rows, at in marks:
+            if rows > prev[0] and at > prev[1]:  # a short run can cross two quarters in one poll
+                quarters.append(f"{(rows - prev[0]) / (at - prev[1]):,.0f}")
+                prev = (rows, at)
+        if quarters:
+            print(f"  rows/s by quarter of the run: {' / '.join(quarters)}")
+        if cpu1:
+            print(f"  CPU seconds while storing ({2 * dt:.2f} available on 2 cores): {_cpu_report(cpu0, cpu1)}")
+            print(f"  CPU seconds including the rollups ({2 * dt_rolled:.2f} available): {_cpu_report(cpu0, cpu2)}")
+        print(f"  PostgreSQL background work so far: {await _pg_background(store)}")
+        return rate, rolled
+    except BaseException:
+        # Leave nothing running behind a failed phase.
+        pub.kill()
         pub.wait()
-    if settle is not None:
-        settle.cancel()
-    written = ingest.status.rows_written
-    # History is complete once the one-minute rollups cover the rows too. The
-    # ingest's refresh takes a minute once it has been quiet for 5 s, so in a
-    # run this short much of that work would come after the clock stopped:
-    # take what is left now and stop the second clock when it is done.
-    await History(store.pool).refresh_rollups(quiet_s=0, max_wait_s=0)
-    dt_rolled = time.perf_counter() - t
-    cpu2 = _cpu_seconds(_roles(nats_pid, pub.pid, pgdata))
-    await ingest.stop()
-    rate = written / dt
-    rolled = written / dt_rolled
-    print(f"{phase}: {written} rows stored+acked in {dt:.2f}s = {rate:,.0f} rows/s")
-    print(f"{phase}: stored and rolled up into telemetry_1m in {dt_rolled:.2f}s = {rolled:,.0f} rows/s")
-    prev = (0, 0.0)
-    quarters = []
-    for rows, at in marks:
-        if rows > prev[0] and at > prev[1]:  # a short run can cross two quarters in one poll
-            quarters.append(f"{(rows - prev[0]) / (at - prev[1]):,.0f}")
-            prev = (rows, at)
-    if quarters:
-        print(f"  rows/s by quarter of the run: {' / '.join(quarters)}")
-    if cpu1:
-        print(f"  CPU seconds while storing ({2 * dt:.2f} available on 2 cores): {_cpu_report(cpu0, cpu1)}")
-        print(f"  CPU seconds including the rollups ({2 * dt_rolled:.2f} available): {_cpu_report(cpu0, cpu2)}")
-    print(f"  PostgreSQL background work so far: {await _pg_background(store)}")
-    return rate, rolled
+        if ingest is not None:
+            await ingest.stop()
+        raise
 
 
 def _check_held(phase: str, held: int, n_msgs: int, gpus: int) -> int:

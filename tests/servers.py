@@ -132,7 +132,8 @@ def pg_dsn(pg_server: object) -> Iterator[str]:
     global _db_counter
     _db_counter += 1
     base = pg_server.get_uri()  # type: ignore[attr-defined]
-    name = f"t{_db_counter}_{int(time.time() * 1000) % 10_000_000}"
+    # Unique also when several runs share an external server.
+    name = f"t{_db_counter}_{os.getpid()}_{int(time.time() * 1000) % 10_000_000}"
     with psycopg.connect(base, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     yield _with_dbname(base, name)
