@@ -74,14 +74,13 @@ def rollup_aggregates() -> list[tuple[str, str]]:
     return aggs
 
 
-def _rollup_upsert(select_from: str, bucket_expr: str, group_by: str) -> str:
+def _rollup_upsert(select: str) -> str:
+    """``select`` (host, gpu_index, bucket, then the aggregates' columns) upserted into telemetry_1m."""
     aggs = rollup_aggregates()
     cols = ", ".join(c for c, _ in aggs)
-    exprs = ", ".join(e for _, e in aggs)
     updates = ", ".join(f"{c} = EXCLUDED.{c}" for c, _ in aggs)
     return (
-        f"INSERT INTO telemetry_1m (host, gpu_index, bucket, {cols}) "
-        f"SELECT t.host, t.gpu_index, {bucket_expr}, {exprs} {select_from} GROUP BY {group_by} "
+        f"INSERT INTO telemetry_1m (host, gpu_index, bucket, {cols}) {select}"
         f"ON CONFLICT (host, gpu_index, bucket) DO UPDATE SET {updates}"
     )
 
@@ -99,11 +98,8 @@ def rollup_buckets_sql() -> str:
     (28 ms) and costs PostgreSQL a quarter of the CPU per row rolled up.
     """
     aggs = rollup_aggregates()
-    cols = ", ".join(c for c, _ in aggs)
     exprs = ", ".join(f"{e} AS {c}" for c, e in aggs)
-    updates = ", ".join(f"{c} = EXCLUDED.{c}" for c, _ in aggs)
-    return (
-        f"INSERT INTO telemetry_1m (host, gpu_index, bucket, {cols}) "
+    return _rollup_upsert(
         f"SELECT d.host, g.gpu_index, d.bucket, {', '.join(f'a.{c}' for c, _ in aggs)} "
         "FROM unnest(%s::text[], %s::timestamptz[]) AS d(host, bucket) "
         "JOIN gpus g ON g.host = d.host "
@@ -111,16 +107,15 @@ def rollup_buckets_sql() -> str:
         "WHERE t.host = d.host AND t.gpu_index = g.gpu_index "
         "AND t.ts >= d.bucket AND t.ts < d.bucket + interval '1 minute') a "
         "WHERE a.n > 0 "  # a GPU with no rows in that minute gets no rollup row
-        f"ON CONFLICT (host, gpu_index, bucket) DO UPDATE SET {updates}"
     )
 
 
 def rollup_range_sql() -> str:
     """Recompute every minute from a start time (a rebuild, or after a bulk import)."""
+    exprs = ", ".join(e for _, e in rollup_aggregates())
     return _rollup_upsert(
-        "FROM telemetry t WHERE t.ts >= %s",
-        "date_bin('1 minute', t.ts, timestamptz 'epoch')",
-        "1, 2, 3",
+        f"SELECT t.host, t.gpu_index, date_bin('1 minute', t.ts, timestamptz 'epoch'), {exprs} "
+        "FROM telemetry t WHERE t.ts >= %s GROUP BY 1, 2, 3 "
     )
 
 
