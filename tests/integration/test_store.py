@@ -5,6 +5,7 @@ retention."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import re
 import shutil
@@ -118,6 +119,14 @@ async def test_timescaledb_compression_covers_the_unique_key(store: Store, pg_ds
         assert set(key.rsplit("(", 1)[1].rstrip(")").replace(" ", "").split(",")) <= covered, key
 
 
+@contextlib.asynccontextmanager
+async def older_schema(pg_dsn: str, tmp_path: Path, last: int) -> AsyncIterator[psycopg.AsyncConnection]:
+    """An autocommit connection to a database at an older release's schema (migrations 001..``last``)."""
+    async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as conn:
+        await apply_migrations(conn, migrations_up_to(tmp_path, last))
+        yield conn
+
+
 async def test_upgrade_from_older_schema(pg_dsn: str, tmp_path: Path) -> None:
     old = migrations_up_to(tmp_path, 3)
     async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as conn:
@@ -139,9 +148,7 @@ async def test_upgrade_from_older_schema(pg_dsn: str, tmp_path: Path) -> None:
 
 async def test_upgrade_to_006_moves_processes_into_telemetry(pg_dsn: str, tmp_path: Path) -> None:
     """A database written by the 001-005 schema keeps its samples and processes."""
-    old = migrations_up_to(tmp_path, 5)
-    async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as conn:
-        await apply_migrations(conn, old)
+    async with older_schema(pg_dsn, tmp_path, 5) as conn:
         await conn.execute(
             "INSERT INTO telemetry (host, gpu_index, gpu_uuid, ts, boot, seq, host_state, state)"
             " VALUES ('h1', 0, 'u', to_timestamp(%s), 'b', 1, 'active', 'ok'),"
@@ -163,9 +170,7 @@ async def test_upgrade_to_006_moves_processes_into_telemetry(pg_dsn: str, tmp_pa
 
 
 async def test_upgrade_to_007_keeps_pending_rollup_markers_per_host(pg_dsn: str, tmp_path: Path) -> None:
-    old = migrations_up_to(tmp_path, 6)
-    async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as conn:
-        await apply_migrations(conn, old)
+    async with older_schema(pg_dsn, tmp_path, 6) as conn:
         await conn.execute(
             "INSERT INTO rollup_dirty (host, gpu_index, bucket) VALUES"
             " ('h1', 0, to_timestamp(%s)), ('h1', 1, to_timestamp(%s)), ('h2', 0, to_timestamp(%s))",
