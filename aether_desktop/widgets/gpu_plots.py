@@ -67,6 +67,8 @@ class GpuPlots(QWidget):
         self._loading = False
         self._dirty = True
         self._live_sig: tuple[object, ...] = ()
+        self._range_index = LIVE
+        self._custom_given = False  # set_custom_range() is choosing the custom range
 
         self.range_combo = QComboBox()
         for label, _span in RANGES:
@@ -179,12 +181,15 @@ class GpuPlots(QWidget):
         self.range_combo.setCurrentIndex(index)
 
     def set_custom_range(self, start: float, end: float) -> None:
-        self.start_edit.setDateTime(QDateTime.fromSecsSinceEpoch(int(start)))
-        self.end_edit.setDateTime(QDateTime.fromSecsSinceEpoch(int(end)))
-        if self.range_combo.currentIndex() != CUSTOM:
-            self.range_combo.setCurrentIndex(CUSTOM)
-        else:
+        self._set_custom_edits(start, end)
+        if self.range_combo.currentIndex() == CUSTOM:
             self._reload()
+            return
+        self._custom_given = True
+        try:
+            self.range_combo.setCurrentIndex(CUSTOM)
+        finally:
+            self._custom_given = False
 
     def time_range(self) -> tuple[float, float]:
         """(start, end) epoch seconds of the selected range."""
@@ -193,6 +198,10 @@ class GpuPlots(QWidget):
             return float(self.start_edit.dateTime().toSecsSinceEpoch()), float(
                 self.end_edit.dateTime().toSecsSinceEpoch()
             )
+        return self._span_range(idx)
+
+    def _span_range(self, idx: int) -> tuple[float, float]:
+        """(start, end) of a preset range (live, last hour, ...) ending now."""
         now = self._state.now()
         span = RANGES[idx][1]
         assert span is not None
@@ -267,6 +276,10 @@ class GpuPlots(QWidget):
 
     # ------------------------------------------------------------------ range and history
 
+    def _set_custom_edits(self, start: float, end: float) -> None:
+        self.start_edit.setDateTime(QDateTime.fromSecsSinceEpoch(int(start)))
+        self.end_edit.setDateTime(QDateTime.fromSecsSinceEpoch(int(end)))
+
     def _show_custom(self, visible: bool) -> None:
         for w in (self.start_edit, self._arrow, self.end_edit, self.apply_button):
             w.setVisible(visible)
@@ -299,6 +312,11 @@ class GpuPlots(QWidget):
         for curves in self._curves:
             for c in curves:
                 c.setData([], [])
+        # The axis shows the range asked for, not just where data was found:
+        # a GPU heard from only in the last ten minutes of 24 h must look like that.
+        for pw in self.plots:
+            pw.enableAutoRange(axis="y")
+        self.plots[0].setXRange(start, end, padding=0)
         self._loading = True
         self._set_status("loading…")
         self._tasks.spawn(self._load(self._request, list(self._keys), start, end))
@@ -320,14 +338,18 @@ class GpuPlots(QWidget):
         self._loading = False
         self._data = data
         self._draw(data)
-        for pw in self.plots:
-            pw.enableAutoRange()
         n = sum(len(v[0]) for d in data.values() for v in d.values())
         self._set_status(f"{n:,} points in {time.perf_counter() - t0:.2f} s" if n else "No data in this range.")
 
     # ------------------------------------------------------------------ events
 
     def _on_range_changed(self, index: int) -> None:
+        previous, self._range_index = self._range_index, index
+        if index == CUSTOM and previous != CUSTOM and not self._custom_given:
+            # Start from the range on screen, to the minute the edits show, the
+            # end rounded up so that the newest samples are in it.
+            start, end = self._span_range(previous)
+            self._set_custom_edits(math.floor(start / 60) * 60, math.ceil(end / 60) * 60)
         self._show_custom(index == CUSTOM)
         self.reload_button.setVisible(index not in (LIVE, CUSTOM))
         self._data = {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import math
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -268,6 +269,26 @@ def test_history_range_fetches_and_draws(window: MainWindow, history: FakeHistor
     assert len(history.calls) == 2 and window.plots.is_live
     _x, y = window.plots._curves[0][0].getData()
     assert y is not None and len(y) == 300
+
+
+def test_custom_range_starts_from_the_range_on_screen(window: MainWindow, history: FakeHistory, clock: Clock,
+                                                     qloop: asyncio.AbstractEventLoop) -> None:
+    window.table.select_keys([("node-a", 0)])
+    window.plots.set_range(1)  # last hour
+    qloop.run_until_complete(asyncio.gather(*window.plots.pending))
+    clock.t += 3 * 3600  # hours later, the operator picks "Custom…"
+    window.plots.set_range(CUSTOM)
+    qloop.run_until_complete(asyncio.gather(*window.plots.pending))
+    start, end = history.calls[-1][1:3]
+    # The last hour as of now, to the minute the edits show; the end rounded up so the newest samples are in.
+    assert start == math.floor((clock.t - 3600) / 60) * 60 and end == math.ceil(clock.t / 60) * 60
+    assert start % 60 == 0 and clock.t <= end < clock.t + 60
+    # The axis spans the range asked for, not only the minutes that hold data.
+    assert window.plots.plots[0].getViewBox().viewRange()[0] == pytest.approx([start, end])
+    window.plots.set_range(LIVE)
+    window.plots.set_custom_range(T0 - 7200, T0 - 3600)  # e.g. from an alert: its own range is kept
+    qloop.run_until_complete(asyncio.gather(*window.plots.pending))
+    assert history.calls[-1][1:3] == (T0 - 7200, T0 - 3600)
 
 
 def test_history_stale_result_ignored_and_errors_shown(window: MainWindow, history: FakeHistory,
