@@ -209,7 +209,7 @@ class Station:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 15.0)
         self.store = store
-        self.history = History(store.pool)
+        self.history = History(store.pool, raw_retention_days=self.cfg.retention_raw_days)
         await self._before_ingest(store)
         assert self.bus is not None
         bus = self.bus

@@ -248,8 +248,8 @@ def wire_gui(station: Station, state: Any, window: Any, app: Any, closing: async
     act.triggered.connect(open_dialog)
     window.menuBar().addMenu("&Jobs").addAction(act)
     window.submit_job_action = act
-    if hasattr(window, "toolbar"):
-        window.toolbar.addAction(act)
+    if hasattr(window, "add_toolbar_action"):
+        window.add_toolbar_action(act)
 
 
 def _wire_alerts_gui(station: Station, state: Any, window: Any, closing: asyncio.Event, alerts: Any) -> None:

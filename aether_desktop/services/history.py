@@ -260,8 +260,11 @@ class RecentSamples:
 
 
 class History:
-    def __init__(self, pool: AsyncConnectionPool) -> None:
+    def __init__(self, pool: AsyncConnectionPool, *, raw_retention_days: float | None = None) -> None:
         self._pool = pool
+        # Raw samples older than this are deleted by the retention job: a range
+        # reaching past it reads the rollups (kept much longer), however short.
+        self._raw_retention_s = None if raw_retention_days is None else raw_retention_days * 86400.0
 
     async def fetch(
         self,

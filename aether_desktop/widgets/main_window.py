@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PySide6.QtCore import Qt, QTimer, Signal
+from PySide6.QtCore import QStandardPaths, Qt, QTimer, Signal
 from PySide6.QtGui import QAction, QCloseEvent, QKeySequence
 from PySide6.QtWidgets import (
     QDockWidget,
@@ -139,6 +139,8 @@ class MainWindow(QMainWindow):
         state.notice.connect(self._on_notice)
         state.fleet_tick.connect(self._on_first_data)
         self._auto_selected = False
+        documents = QStandardPaths.writableLocation(QStandardPaths.StandardLocation.DocumentsLocation)
+        self._export_dir = Path(documents) if documents and Path(documents).is_dir() else Path.home()
         # Set by the composition root when a system tray exists and the user wants it.
         self.close_to_tray = False
 
@@ -252,9 +254,15 @@ class MainWindow(QMainWindow):
         tb.addSeparator()
         for act in (self.sleep_hosts_action, self.wake_hosts_action):
             tb.addAction(act)
-        tb.addSeparator()
+        self._toolbar_end = tb.addSeparator()
         self.message_label.setContentsMargins(8, 0, 8, 0)
         tb.addWidget(self.message_label)
+
+    def add_toolbar_action(self, action: QAction) -> None:
+        """A feature's toolbar button: after the fleet's, before the message
+        (which would otherwise push it sideways whenever a message shows)."""
+        self.toolbar.insertSeparator(self._toolbar_end)
+        self.toolbar.insertAction(self._toolbar_end, action)
 
     def _update_actions(self) -> None:
         has = bool(self._selected)
@@ -339,14 +347,23 @@ class MainWindow(QMainWindow):
         if not self.plots.current_data():
             self._state.post_notice("warning", "Nothing to export: select GPUs and a time range first.")
             return
-        dlg = QFileDialog(self, "Export CSV", "aether-history.csv", "CSV files (*.csv)")
+        dlg = QFileDialog(self, "Export CSV", str(self._export_dir / self._export_name()), "CSV files (*.csv)")
         dlg.setAcceptMode(QFileDialog.AcceptMode.AcceptSave)
         dlg.setDefaultSuffix("csv")
         dlg.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
         dlg.fileSelected.connect(self._on_export_path)
         dlg.open()
 
+    def _export_name(self) -> str:
+        """e.g. aether-history-20261128-0032-to-20261128-0133.csv: the range, so exports do not overwrite each other."""
+        start, end = self.plots.time_range()
+        a, b = (dt.datetime.fromtimestamp(t).strftime("%Y%m%d-%H%M") for t in (start, end))
+        return f"aether-history-{a}-to-{b}.csv"
+
     def _on_export_path(self, path: str) -> None:
+        # The next export starts where this one went (not in the working directory,
+        # which for a double-clicked app may be / or the bundle).
+        self._export_dir = Path(path).parent
         exporter = getattr(self._history, "export_csv", None)
         if exporter is not None and not self.plots.is_live:
             # A history range: every metric at full resolution from the database, not the decimated plot.

@@ -232,6 +232,17 @@ def test_heatmap_labels_follow_its_height(window: MainWindow, qtbot) -> None:  #
     hm.plot.setMaximumHeight(16777215)
 
 
+def test_feature_buttons_stay_left_of_the_toolbar_message(window: MainWindow) -> None:
+    from PySide6.QtGui import QAction
+
+    act = QAction("Submit job…", window)
+    window.add_toolbar_action(act)
+    actions = window.toolbar.actions()
+    label_at = next(i for i, a in enumerate(actions) if window.toolbar.widgetForAction(a) is window.message_label)
+    assert actions.index(act) < label_at and label_at == len(actions) - 1
+    assert actions[actions.index(act) - 1].isSeparator()
+
+
 def test_sleep_action_calls_client_and_reports(window: MainWindow, commands: FakeCommands,
                                                qloop: asyncio.AbstractEventLoop) -> None:
     window.table.select_keys([("node-a", 1), ("node-a", 0), ("node-c", 2)])
