@@ -44,10 +44,10 @@ class HistoryProxy:
             raise RuntimeError(f"database unavailable: {self._station.db_error or 'still starting'}")
         return await self._station.history.fetch(keys, start, end, metrics, max_points)  # type: ignore[no-any-return]
 
-    async def export_csv(self, keys: Sequence[tuple[str, int]], start: float, end: float, path: Any) -> int:
+    async def export_csv(self, keys: Sequence[tuple[str, int]], start: float, end: float, path: Any) -> Any:
         if not await self._station.wait_db(10.0):
             raise RuntimeError("database unavailable")
-        return await self._station.history.export_csv(keys, start, end, path)  # type: ignore[no-any-return]
+        return await self._station.history.export_csv(keys, start, end, path)
 
 
 # What Qt 6.5+'s xcb plugin loads beyond a plain X11 client (found missing on minimal Debian images).

@@ -37,6 +37,16 @@ MIN_MAX_METRICS = ("temp_c", "mem_used_mib", "util_pct", "power_w")
 # aggregates within a plot-refresh budget on a small machine.
 RAW_MAX_SPAN_S = 2 * 3600.0
 RAW_MAX_ROWS = 200_000
+# A range starting this close to the raw retention cutoff already reads the
+# rollups: the retention job runs every few minutes, not continuously.
+RAW_CUTOFF_MARGIN_S = 3600.0
+# A long range's newest minutes are read from raw rows (a minute is rolled up
+# about a minute after it ends; at most ROLLUP_MAX_WAIT_S after).
+ROLLUP_TAIL_S = 180.0
+# History queries come from the UI: fail in seconds, not after the pool's 30 s,
+# when the database is down, and never run unbounded on a sick server.
+QUERY_CHECKOUT_S = 5.0
+SET_QUERY_TIMEOUT = b"SET LOCAL statement_timeout = '30s'"
 ROLLUP_S = 60.0
 ROLLUP_QUIET_S = 5.0  # a minute is rolled up once no rows came for it for this long
 ROLLUP_MAX_WAIT_S = 120.0  # ... or once it waited this long
@@ -45,6 +55,14 @@ RETENTION_CHUNK = 20_000
 
 Series = tuple[np.ndarray, np.ndarray]
 GpuKey = tuple[str, int]
+
+
+@dataclass(frozen=True)
+class Export:
+    """What :meth:`History.export_csv` wrote: rows, and what one row is."""
+
+    rows: int
+    what: str
 
 
 def check_metrics(metrics: Sequence[str]) -> list[str]:
@@ -135,40 +153,74 @@ RETURNING host, bucket"""
 
 
 def fetch_sql(metrics: Sequence[str], rollup: bool) -> str:
-    """Bucket-averaged series for several GPUs; params: start, width, hosts, indexes, start, end.
+    """Per GPU and bucket: the samples' mean time, then each metric's min and max.
 
-    Each GPU's rows come from a LATERAL subquery, fenced with OFFSET 0 so it is
-    not merged into a join: an index range scan on (host, gpu_index, time) per
-    GPU, however large the table. A join let the planner read every GPU's rows
-    in the range through the BRIN index and throw away all but the selected
-    GPUs' (301 ms instead of 96 ms for 16 GPUs x 1 h of a 400-GPU fleet).
+    Params: start, width, hosts, indexes, then the sources' time ranges: raw
+    only: start, end; rollups: start, tail, tail, end (minutes before
+    ``tail`` from ``telemetry_1m``, the newest ones, which may not be rolled
+    up yet, from raw rows).
+
+    Min and max, not the mean: a five-second thermal excursion must still show
+    in a week's plot (the rollups keep each minute's min and max for that; a
+    metric without them contributes its average). Each GPU's rows come from a
+    LATERAL subquery, fenced with OFFSET 0 so it is not merged into a join: an
+    index range scan on (host, gpu_index, time) per GPU, however large the
+    table. A join let the planner read every GPU's rows in the range through
+    the BRIN index and throw away all but the selected GPUs' (301 ms instead
+    of 96 ms for 16 GPUs x 1 h of a 400-GPU fleet).
     """
     check_metrics(metrics)
+    gpu = "host = k.host AND gpu_index = k.gpu_index"
+    raw_cols = ", ".join(f"{m} AS {m}_lo, {m} AS {m}_hi" for m in metrics)
+    raw = (
+        f"SELECT date_part('epoch', ts) AS e, 1 AS w, {raw_cols} FROM telemetry "
+        f"WHERE {gpu} AND ts >= to_timestamp(%s) AND ts < to_timestamp(%s)"
+    )
+    src = raw
     if rollup:
-        epoch = "date_part('epoch', t.bucket)"
-        ts = f"sum(({epoch} + {ROLLUP_S / 2}) * t.n) / sum(t.n)"
-        # Weighted by samples so a partly filled minute counts for less.
-        vals = [
-            f"sum(t.{m}_avg * t.n) / nullif(sum(t.n) FILTER (WHERE t.{m}_avg IS NOT NULL), 0)"
+        roll_cols = ", ".join(
+            f"{m}_min AS {m}_lo, {m}_max AS {m}_hi" if m in MIN_MAX_METRICS else f"{m}_avg AS {m}_lo, {m}_avg AS {m}_hi"
             for m in metrics
-        ]
-        table, tcol = "telemetry_1m", "bucket"
-        read = ["bucket", "n", *(f"{m}_avg" for m in metrics)]
-    else:
-        epoch = "date_part('epoch', t.ts)"
-        ts = f"avg({epoch})"
-        vals = [f"avg(t.{m})::float8" for m in metrics]
-        table, tcol = "telemetry", "ts"
-        read = ["ts", *metrics]
-    cols = ", ".join([ts, *vals])
+        )
+        src = (
+            f"SELECT date_part('epoch', bucket) + {ROLLUP_S / 2} AS e, n AS w, {roll_cols} FROM telemetry_1m "
+            f"WHERE {gpu} AND bucket >= to_timestamp(%s) AND bucket < to_timestamp(%s) UNION ALL {raw}"
+        )
+    vals = ", ".join(f"min(t.{m}_lo)::float8, max(t.{m}_hi)::float8" for m in metrics)
     return (
-        f"SELECT k.host, k.gpu_index, floor(({epoch} - %s) / %s)::bigint AS b, {cols} "
+        f"SELECT k.host, k.gpu_index, floor((t.e - %s) / %s)::bigint AS b, sum(t.e * t.w) / sum(t.w), {vals} "
         f"FROM unnest(%s::text[], %s::int4[]) AS k(host, gpu_index) "
-        f"CROSS JOIN LATERAL (SELECT {', '.join(read)} FROM {table} "
-        f"WHERE host = k.host AND gpu_index = k.gpu_index "
-        f"AND {tcol} >= to_timestamp(%s) AND {tcol} < to_timestamp(%s) OFFSET 0) t "
+        f"CROSS JOIN LATERAL ({src} OFFSET 0) t "
         f"GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"
     )
+
+
+def envelope(ts: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> Series:
+    """Each bucket's min then max at its time (one point where they agree): the
+    curve covers every value the bucket held, as pyqtgraph's peak mode does."""
+    two = ~(np.isnan(lo) | np.isnan(hi)) & (lo != hi)
+    counts = 1 + two.astype(np.intp)
+    first = np.cumsum(counts) - counts
+    values = np.empty(int(counts.sum()), dtype=np.float64)
+    values[first] = lo
+    values[first[two] + 1] = hi[two]
+    return np.repeat(ts, counts), values
+
+
+def break_gaps(ts: np.ndarray, values: np.ndarray, width: float) -> tuple[np.ndarray, np.ndarray]:
+    """NaN rows where no bucket held data for a while, so a plot shows the outage
+    instead of a line across it. "A while": over two buckets, and over three
+    times the usual step (an agent sampling every 5 s leaves most 1-s buckets
+    empty without being down)."""
+    if len(ts) < 2:
+        return ts, values
+    steps = np.diff(ts)
+    limit = max(2.0 * width, 3.0 * float(np.median(steps)))
+    at = np.flatnonzero(steps > limit) + 1
+    if not len(at):
+        return ts, values
+    mid = (ts[at - 1] + ts[at]) / 2.0
+    return np.insert(ts, at, mid), np.insert(values, at, np.nan, axis=0)
 
 
 EXPORT_COLUMNS = (
@@ -202,6 +254,31 @@ def export_sql(all_gpus: bool) -> str:
     return (
         f"COPY (SELECT {', '.join(EXPORT_COLUMNS)} FROM {src} "
         f"ORDER BY ts, host, gpu_index) TO STDOUT WITH (FORMAT csv, HEADER true)"
+    )
+
+
+ROLLUP_EXPORT_COLUMNS = (
+    "to_char(bucket AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') AS minute_utc",
+    "date_part('epoch', bucket) AS ts",
+    "host",
+    "gpu_index",
+    *(c for c, _ in rollup_aggregates()),
+)
+
+
+def export_rollups_sql(all_gpus: bool) -> str:
+    """CSV of one-minute rollups (min/avg/max per metric) in a time range; params as :func:`export_sql`."""
+    where = "bucket >= to_timestamp(%s) AND bucket < to_timestamp(%s)"
+    if all_gpus:
+        src = f"(SELECT * FROM telemetry_1m WHERE {where}) t"
+    else:
+        src = (
+            "unnest(%s::text[], %s::int4[]) AS k(h, g) CROSS JOIN LATERAL "
+            f"(SELECT * FROM telemetry_1m WHERE host = k.h AND gpu_index = k.g AND {where} OFFSET 0) t"
+        )
+    return (
+        f"COPY (SELECT {', '.join(ROLLUP_EXPORT_COLUMNS)} FROM {src} "
+        f"ORDER BY bucket, host, gpu_index) TO STDOUT WITH (FORMAT csv, HEADER true)"
     )
 
 
@@ -273,21 +350,32 @@ class History:
         end: float,
         metrics: Sequence[str],
         max_points: int = 2000,
+        *,
+        now: float | None = None,
     ) -> dict[GpuKey, dict[str, Series]]:
-        """Per GPU and metric: (ts seconds, values) float64 arrays, NaN where nothing was reported."""
+        """Per GPU and metric: (ts seconds, values) float64 arrays of at most about
+        ``max_points`` points: each bucket's min and max (see :func:`envelope`),
+        NaN where nothing was reported and across outages."""
         metrics = check_metrics(metrics)
         keys = list(dict.fromkeys((h, int(i)) for h, i in keys))
         empty = np.empty(0, dtype=np.float64)
         out: dict[GpuKey, dict[str, Series]] = {k: {m: (empty, empty) for m in metrics} for k in keys}
         if not keys or not metrics or end <= start:
             return out
-        span = end - start
-        rollup = span > RAW_MAX_SPAN_S or span * len(keys) > RAW_MAX_ROWS
-        width = span / max(max_points, 1)
+        now = time.time() if now is None else now
+        rollup = self.reads_rollups(start, end, len(keys), now=now)
+        # Two points per bucket at most (min and max).
+        width = (end - start) / max(max_points // 2, 1)
+        sources: tuple[float, ...] = (start, end)
         if rollup:
             width = max(width, ROLLUP_S)
-        params = (start, width, [k[0] for k in keys], [k[1] for k in keys], start, end)
-        async with self._pool.connection() as conn:
+            # The newest minutes come from raw rows: a minute is rolled up only
+            # once it has ended and gone quiet.
+            tail = max(start, min(end, (now - ROLLUP_TAIL_S) // ROLLUP_S * ROLLUP_S))
+            sources = (start, tail, tail, end)
+        params = (start, width, [k[0] for k in keys], [k[1] for k in keys], *sources)
+        async with self._pool.connection(timeout=QUERY_CHECKOUT_S) as conn, conn.transaction():
+            await conn.execute(SET_QUERY_TIMEOUT)
             cur = await conn.execute(fetch_sql(metrics, rollup).encode(), params)
             rows = await cur.fetchall()
         grouped: dict[GpuKey, list[tuple[object, ...]]] = {}
@@ -295,10 +383,21 @@ class History:
             grouped.setdefault((r[0], r[1]), []).append(r[3:])
         for key, vals in grouped.items():
             # None (no value in the bucket) becomes NaN with a float dtype.
-            arr = np.array(vals, dtype=np.float64).reshape(len(vals), len(metrics) + 1)
-            ts = arr[:, 0].copy()
-            out[key] = {m: (ts, arr[:, i + 1].copy()) for i, m in enumerate(metrics)}
+            arr = np.array(vals, dtype=np.float64).reshape(len(vals), 2 * len(metrics) + 1)
+            ts, arr = break_gaps(arr[:, 0], arr[:, 1:], width)
+            out[key] = {m: envelope(ts, arr[:, 2 * i], arr[:, 2 * i + 1]) for i, m in enumerate(metrics)}
         return out
+
+    def reads_rollups(self, start: float, end: float, gpus: int = 1, *, now: float | None = None) -> bool:
+        """Whether a range is read from the one-minute rollups: a long one, or one
+        that reaches back past the raw samples' retention, however short."""
+        span = end - start
+        if span > RAW_MAX_SPAN_S or span * gpus > RAW_MAX_ROWS:
+            return True
+        if self._raw_retention_s is None:
+            return False
+        now = time.time() if now is None else now
+        return start < now - self._raw_retention_s + RAW_CUTOFF_MARGIN_S
 
     async def recent(
         self,
@@ -337,23 +436,30 @@ class History:
         identities = [(str(h), int(i), str(u), str(n)) for h, i, u, n in gpus]
         return RecentSamples(start, identities, keys, np.concatenate(ts_parts), np.concatenate(value_parts))
 
-    async def export_csv(self, keys: Sequence[GpuKey], start: float, end: float, path: Path) -> int:
-        """Raw samples with every metric to a CSV file; empty ``keys`` means every GPU. Returns rows."""
+    async def export_csv(self, keys: Sequence[GpuKey], start: float, end: float, path: Path) -> Export:
+        """Every metric of ``keys`` (empty: every GPU) in a range to a CSV file: raw
+        samples, or one-minute rollups (min/avg/max) for a range that reaches back
+        past the raw samples' retention."""
         params: tuple[object, ...] = (start, end)
         if keys:
             params = ([k[0] for k in keys], [int(k[1]) for k in keys], start, end)
+        rollups = self.reads_rollups(start, start)
+        sql = export_rollups_sql(not keys) if rollups else export_sql(not keys)
         tmp = path.with_name(path.name + ".part")
-        async with self._pool.connection() as conn:
+        async with self._pool.connection(timeout=QUERY_CHECKOUT_S) as conn:
             cur = conn.cursor()
             # Blocking writes to a local file are short (a few KiB per chunk)
             # and keep the export a single streaming pass.
             with tmp.open("wb") as f:
-                async with cur.copy(export_sql(not keys).encode(), params) as copy:
+                async with cur.copy(sql.encode(), params) as copy:
                     async for chunk in copy:
                         f.write(chunk)
             rows = max(cur.rowcount, 0)
         tmp.replace(path)  # never leave a half-written file under the final name
-        return rows
+        if rollups:
+            days = (self._raw_retention_s or 0) / 86400.0
+            return Export(rows, f"one-minute rollups (raw samples are kept {days:g} days)")
+        return Export(rows, "samples (every metric, full resolution)")
 
     async def refresh_rollups(
         self,

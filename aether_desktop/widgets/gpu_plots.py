@@ -69,6 +69,7 @@ class GpuPlots(QWidget):
         self._live_sig: tuple[object, ...] = ()
         self._range_index = LIVE
         self._custom_given = False  # set_custom_range() is choosing the custom range
+        self._shown_range: tuple[float, float] | None = None
 
         self.range_combo = QComboBox()
         for label, _span in RANGES:
@@ -181,7 +182,8 @@ class GpuPlots(QWidget):
         self.range_combo.setCurrentIndex(index)
 
     def set_custom_range(self, start: float, end: float) -> None:
-        self._set_custom_edits(start, end)
+        # To the minute the edits show: no hidden seconds in what is queried and exported.
+        self._set_custom_edits(math.floor(start / 60) * 60, math.ceil(end / 60) * 60)
         if self.range_combo.currentIndex() == CUSTOM:
             self._reload()
             return
@@ -206,6 +208,12 @@ class GpuPlots(QWidget):
         span = RANGES[idx][1]
         assert span is not None
         return now - span, now
+
+    @property
+    def shown_range(self) -> tuple[float, float]:
+        """(start, end) of what the plots show: a preset range as of when it was
+        loaded (an export must not shift it to the moment of the click)."""
+        return self.time_range() if self.is_live or self._shown_range is None else self._shown_range
 
     def current_data(self) -> HistoryData:
         """What the plots show now, unscaled (for CSV export)."""
@@ -309,6 +317,8 @@ class GpuPlots(QWidget):
         if end <= start:
             self._set_status("The range must end after it starts.", "warning")
             return
+        self._shown_range = (start, end)
+        self._data = {}  # nothing stale under the crosshair while loading or after a failure
         for curves in self._curves:
             for c in curves:
                 c.setData([], [])

@@ -356,7 +356,7 @@ class MainWindow(QMainWindow):
 
     def _export_name(self) -> str:
         """e.g. aether-history-20261128-0032-to-20261128-0133.csv: the range, so exports do not overwrite each other."""
-        start, end = self.plots.time_range()
+        start, end = self.plots.shown_range
         a, b = (dt.datetime.fromtimestamp(t).strftime("%Y%m%d-%H%M") for t in (start, end))
         return f"aether-history-{a}-to-{b}.csv"
 
@@ -367,7 +367,7 @@ class MainWindow(QMainWindow):
         exporter = getattr(self._history, "export_csv", None)
         if exporter is not None and not self.plots.is_live:
             # A history range: every metric at full resolution from the database, not the decimated plot.
-            start, end = self.plots.time_range()
+            start, end = self.plots.shown_range
             self._tasks.spawn(self._export_from_db(exporter, list(self.plots.keys), start, end, path))
             return
         try:
@@ -380,11 +380,12 @@ class MainWindow(QMainWindow):
     async def _export_from_db(self, exporter: Any, keys: list[Key], start: float, end: float, path: str) -> None:
         self._state.post_notice("info", f"Exporting {len(keys)} GPU(s) from the database…")
         try:
-            n = await exporter(keys, start, end, Path(path))
+            done = await exporter(keys, start, end, Path(path))
         except Exception as exc:  # database down, disk full: say so, keep running
             self._state.post_notice("error", f"Export failed: {exc}")
             return
-        self._state.post_notice("ok", f"Exported {n:,} samples (every metric, full resolution) to {path}")
+        # History.export_csv says what a row is: raw samples, or rollups for a range past raw retention.
+        self._state.post_notice("ok", f"Exported {done.rows:,} {done.what} to {path}")
 
     def _on_about_triggered(self) -> None:
         box = QMessageBox(self)

@@ -343,8 +343,9 @@ async def test_rollups_and_history_raw_and_rollup_paths(store: Store, pg_dsn: st
     raw = await hist.fetch(keys, T0, T0 + 1800, ["temp_c", "util_pct"], max_points=50)
     ts, temp = raw[("h1", 0)]["temp_c"]
     assert 0 < len(ts) <= 50 and ts.dtype == np.float64
-    assert np.all(np.diff(ts) > 0) and ts[0] >= T0 and ts[-1] < T0 + 1800
-    assert np.nanmin(temp) >= 40 and np.nanmax(temp) <= 49
+    # Each bucket's min and max at its time: time never goes back.
+    assert np.all(np.diff(ts) >= 0) and ts[0] >= T0 and ts[-1] < T0 + 1800
+    assert np.nanmin(temp) == 40 and np.nanmax(temp) == 49  # the samples' own extremes, not bucket means
     assert len(raw[("nope", 0)]["temp_c"][0]) == 0
     # Rollup path: 3 hours (over the 2 h raw limit).
     roll = await hist.fetch(keys, T0, T0 + 3 * 3600, ["power_w"], max_points=100)
@@ -358,15 +359,72 @@ async def test_rollups_and_history_raw_and_rollup_paths(store: Store, pg_dsn: st
         await hist.fetch(keys, T0, T0 + 10, ["temp_c; DROP TABLE telemetry"])
 
     out = tmp_path / "export.csv"
-    n = await hist.export_csv([("h1", 1)], T0, T0 + 600, out)
-    assert n == 61  # 60 samples every 10 s plus the late one
+    done = await hist.export_csv([("h1", 1)], T0, T0 + 600, out)
+    assert done.rows == 61 and "full resolution" in done.what  # 60 samples every 10 s plus the late one
     with out.open() as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 61
     assert rows[0]["host"] == "h1" and rows[0]["gpu_index"] == "1" and float(rows[0]["power_w"]) == 101.0
     assert rows[1]["seq"] == "99999" and rows[2]["throttle"] == "sw_power_cap;hw_slowdown"
     assert rows[0]["time_utc"].endswith("Z")
-    assert await hist.export_csv([], T0, T0 + 600, out) == 122  # every GPU
+    assert (await hist.export_csv([], T0, T0 + 600, out)).rows == 122  # every GPU
+
+
+def steady(host: str, t0: float, seconds: range, temp: float = 40.0, spike: range = range(0)) -> list[Telemetry]:
+    """One GPU sampled at 1 Hz at a steady temperature, with an optional excursion to 95 degrees."""
+    return [
+        Telemetry(v=1, host=host, boot="b1", seq=s, ts=t0 + s, state="active", gpus=[
+            GpuSample(index=0, uuid=f"GPU-{host}", name="NVIDIA H100", state="ok",
+                      temp_c=95.0 if s in spike else temp, power_w=100.0)])
+        for s in seconds
+    ]
+
+
+async def test_history_keeps_spikes_shows_outages_and_recent_minutes(store: Store) -> None:
+    """What an operator must see in a long range: a five-second thermal excursion
+    (not averaged away by the rollups), an outage as a gap (not a line across
+    it), and the last minutes (not yet rolled up) up to now."""
+    now = time.time()
+    t0 = (now - 3 * 3600) // 60 * 60
+    # 0-30 min at 40 C with a 5 s excursion at 20 min; down 30-90 min; 80 C from 90 min to now.
+    rows = steady("s1", t0, range(0, 1800), spike=range(1200, 1205))
+    rows += steady("s1", t0, range(5400, int(now - t0)), temp=80.0)
+    for i in range(0, len(rows), 2000):
+        await store.write_batch(rows[i : i + 2000], [])
+    hist = History(store.pool)
+    await hist.refresh_rollups(quiet_s=0)
+    # Only rows older than the last three minutes are rolled up, as in a running station.
+    async with store.pool.connection() as conn:
+        await conn.execute("DELETE FROM telemetry_1m WHERE bucket >= to_timestamp(%s)", (now - 150,))
+    for span, rollup in ((3 * 3600, True), (3600, False)):
+        got = await hist.fetch([("s1", 0)], now - span, now, ["temp_c"], max_points=400, now=now)
+        ts, temp = got[("s1", 0)]["temp_c"]
+        assert len(ts) <= 400 and hist.reads_rollups(now - span, now) is rollup
+        if rollup:
+            assert np.nanmax(temp[ts < t0 + 1800]) == 95.0  # the excursion survives a 3 h range
+            outage = (ts > t0 + 1800 + 120) & (ts < t0 + 5400 - 120)
+            assert outage.any() and np.isnan(temp[outage]).all()  # a gap, not a ramp from 40 to 80
+        assert ts[-1] > now - 60 and temp[-1] == 80.0  # the newest samples, not rolled up yet
+
+
+async def test_short_range_older_than_raw_retention_reads_the_rollups(store: Store, tmp_path: Path) -> None:
+    now = time.time()
+    t0 = (now - 40 * 86400) // 60 * 60
+    await store.write_batch(steady("o1", t0, range(0, 3600, 10), spike=range(600, 601)), [])
+    hist = History(store.pool, raw_retention_days=30)
+    await hist.refresh_rollups(quiet_s=0)
+    await hist.run_retention(raw_days=30, rollup_days=365)
+    # One hour, 40 days ago: the raw samples are gone, the rollups are not.
+    assert hist.reads_rollups(t0, t0 + 3600) and not hist.reads_rollups(now - 3600, now)
+    got = await hist.fetch([("o1", 0)], t0, t0 + 3600, ["temp_c"], now=now)
+    ts, temp = got[("o1", 0)]["temp_c"]
+    assert len(ts) >= 60 and np.nanmax(temp) == 95.0
+    out = tmp_path / "old.csv"
+    done = await hist.export_csv([("o1", 0)], t0, t0 + 3600, out)
+    assert done.rows == 60 and "rollups" in done.what and "30 days" in done.what
+    with out.open() as f:
+        first = next(csv.DictReader(f))
+    assert first["minute_utc"].endswith(":00Z") and first["n"] == "6" and float(first["temp_c_max"]) == 40.0
 
 
 async def test_retention_deletes_only_old_rows(store: Store, pg_dsn: str) -> None:

@@ -287,7 +287,10 @@ def test_custom_range_starts_from_the_range_on_screen(window: MainWindow, histor
     window.table.select_keys([("node-a", 0)])
     window.plots.set_range(1)  # last hour
     qloop.run_until_complete(asyncio.gather(*window.plots.pending))
+    loaded_at = clock.t
     clock.t += 3 * 3600  # hours later, the operator picks "Custom…"
+    # An export meanwhile takes what is shown, not the hour before the click.
+    assert window.plots.shown_range == (loaded_at - 3600, loaded_at)
     window.plots.set_range(CUSTOM)
     qloop.run_until_complete(asyncio.gather(*window.plots.pending))
     start, end = history.calls[-1][1:3]
@@ -318,6 +321,8 @@ def test_history_stale_result_ignored_and_errors_shown(window: MainWindow, histo
     qloop.run_until_complete(asyncio.gather(*window.plots.pending, return_exceptions=True))
     assert "database unavailable" in window.plots.status_label.text()
     assert not window.plots.loading
+    # Nothing of the earlier range is left under the crosshair (or in an export).
+    assert window.plots.current_data() == {} and "no data" in window.plots._readout_text(0, T0)
 
 
 def test_without_history_non_live_ranges_disabled(qtbot, state: QtState, commands: FakeCommands) -> None:  # type: ignore[no-untyped-def]
