@@ -404,8 +404,11 @@ class GpuPlots(QWidget):
             i = int(np.clip(np.searchsorted(ts, x), 1, len(ts) - 1)) if len(ts) > 1 else 0
             if i > 0 and abs(ts[i - 1] - x) < abs(ts[i] - x):
                 i -= 1
-            v = float(vs[i]) * scale
-            if not math.isnan(v):
-                parts.append(f"{key[0]}/{key[1]} {v:.1f}")
+            # A history bucket is two points at one time, its min and max: show both.
+            same = vs[np.searchsorted(ts, ts[i], "left") : np.searchsorted(ts, ts[i], "right")]
+            lo, hi = float(np.min(same)) * scale, float(np.max(same)) * scale
+            if math.isnan(lo) or math.isnan(hi):
+                continue
+            parts.append(f"{key[0]}/{key[1]} {lo:.1f}" if f"{lo:.1f}" == f"{hi:.1f}" else f"{key[0]}/{key[1]} {lo:.1f}–{hi:.1f}")
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(x)) if 0 < x < 4e9 else "—"
         return f"{stamp} · {title} ({unit}): " + ("  ".join(parts) if parts else "no data")

@@ -323,6 +323,12 @@ def test_history_stale_result_ignored_and_errors_shown(window: MainWindow, histo
     assert not window.plots.loading
     # Nothing of the earlier range is left under the crosshair (or in an export).
     assert window.plots.current_data() == {} and "no data" in window.plots._readout_text(0, T0)
+    # A history bucket (its min and max at one time) reads as a range; an outage (NaN) reads nothing.
+    window.plots._data = {("node-a", 0): {"temp_c": (np.array([T0, T0, T0 + 10, T0 + 20]),
+                                                     np.array([41.0, 95.0, np.nan, 50.0]))}}
+    assert "node-a/0 41.0–95.0" in window.plots._readout_text(0, T0 + 2)
+    assert "no data" in window.plots._readout_text(0, T0 + 9)
+    assert "node-a/0 50.0" in window.plots._readout_text(0, T0 + 19)
 
 
 def test_without_history_non_live_ranges_disabled(qtbot, state: QtState, commands: FakeCommands) -> None:  # type: ignore[no-untyped-def]
