@@ -409,6 +409,7 @@ class GpuPlots(QWidget):
             lo, hi = float(np.min(same)) * scale, float(np.max(same)) * scale
             if math.isnan(lo) or math.isnan(hi):
                 continue
-            parts.append(f"{key[0]}/{key[1]} {lo:.1f}" if f"{lo:.1f}" == f"{hi:.1f}" else f"{key[0]}/{key[1]} {lo:.1f}–{hi:.1f}")
+            value = f"{lo:.1f}" if f"{lo:.1f}" == f"{hi:.1f}" else f"{lo:.1f}–{hi:.1f}"
+            parts.append(f"{key[0]}/{key[1]} {value}")
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(x)) if 0 < x < 4e9 else "—"
         return f"{stamp} · {title} ({unit}): " + ("  ".join(parts) if parts else "no data")
