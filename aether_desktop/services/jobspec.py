@@ -13,7 +13,7 @@ import shlex
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from aether_desktop.services.jobtypes import JobKind, JobRequest
@@ -126,6 +126,12 @@ def parse_duration(text: str) -> float:
     return value
 
 
+def deadline_example(now: float) -> str:
+    """A "finish by" example the operator can copy: tomorrow at 18:00, local time."""
+    tomorrow = datetime.fromtimestamp(now).date() + timedelta(days=1)
+    return f"{tomorrow.isoformat()}T18:00"
+
+
 def parse_deadline(text: str, now: float) -> float | None:
     """The "finish by" time: an ISO date-time (local time unless it has an offset) or ``+4h``."""
     s = text.strip()
@@ -136,7 +142,7 @@ def parse_deadline(text: str, now: float) -> float | None:
     try:
         when = datetime.fromisoformat(s)
     except ValueError:
-        raise ValueError("use an ISO date-time such as 2025-06-01T18:00 or a delay such as +4h") from None
+        raise ValueError(f"use an ISO date-time such as {deadline_example(now)} or a delay such as +4h") from None
     # A naive time is what the operator reads on their own clock: local time.
     ts = when.astimezone().timestamp() if when.tzinfo is None else when.timestamp()
     if ts <= now:

@@ -30,6 +30,7 @@ from PySide6.QtWidgets import (
 from aether_desktop.services.jobspec import (
     MAX_PRIORITY,
     JobFields,
+    deadline_example,
     errors_by_field,
     fields_from_request,
     parse_job,
@@ -75,7 +76,7 @@ class JobDialog(QDialog):
         self.priority.setRange(-MAX_PRIORITY, MAX_PRIORITY)
         self.priority.setToolTip("Higher runs first")
         self.deadline = QLineEdit()
-        self.deadline.setPlaceholderText("optional: 2025-06-01T18:00 or +4h")
+        self.deadline.setPlaceholderText(f"optional: {deadline_example(self._clock())} or +4h")
         self.env = QPlainTextEdit()
         self.env.setPlaceholderText("KEY=VALUE, one per line")
         self.env.setMaximumHeight(80)

@@ -9,6 +9,7 @@ import pytest
 from aether_desktop.services.jobspec import (
     FieldError,
     JobFields,
+    deadline_example,
     errors_by_field,
     fields_from_request,
     parse_deadline,
@@ -73,8 +74,12 @@ def test_deadline() -> None:
     assert parse_deadline(naive, NOW) == NOW + 7200
     with pytest.raises(ValueError, match="past"):
         parse_deadline(datetime.fromtimestamp(NOW - 60, UTC).isoformat(), NOW)
-    with pytest.raises(ValueError, match="ISO"):
+    with pytest.raises(ValueError, match="ISO") as bad:
         parse_deadline("tomorrow", NOW)
+    # The example it gives is tomorrow at 18:00 and parses (not a date long past).
+    example = str(bad.value).split("such as ")[1].split(" ")[0]
+    assert example == deadline_example(NOW) and example.endswith("T18:00")
+    assert NOW < parse_deadline(example, NOW) <= NOW + 2 * 86400  # type: ignore[operator]
 
 
 def test_gpus() -> None:
