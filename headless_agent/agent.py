@@ -74,6 +74,7 @@ class Agent:
         self._stored_next: float | None = None  # monotonic time of the next check; None: check now
         self._event_n = 0
         self._read_failures = 0
+        self._auth_refusals = 0  # in a row: the server refusing our credentials is logged, not every second
         self._connector: asyncio.Future[None] | None = None
         # Set by stop and by a reconnect: cuts a back-off wait short.
         self._retry_now = asyncio.Event()
@@ -117,7 +118,8 @@ class Agent:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        # SIGHUP (the terminal or the ssh session went away) stops like SIGTERM: buffer drained, jobs ended.
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.stop)
         self.emit("agent_started", detail=f"{self.backend.gpu_count()} GPU(s), boot {self.boot}")
@@ -232,6 +234,7 @@ class Agent:
                 delay = min(delay * 2, 10.0)
                 continue
             log.info("connected to NATS %s as host %r", self.config.nats.describe(), self.config.host)
+            self._auth_refusals = 0
             self.nc = nc
             self._stored_next = None
             self._connected.set()
@@ -244,6 +247,7 @@ class Agent:
 
     async def _on_reconnected(self) -> None:
         log.info("NATS reconnected; replaying %d buffered message(s)", len(self.outbox))
+        self._auth_refusals = 0
         self._stored_next = None
         self._connected.set()
         self._retry_now.set()
@@ -261,6 +265,16 @@ class Agent:
             self._connector = asyncio.ensure_future(self._connect_forever())
 
     async def _on_error(self, exc: Exception) -> None:
+        if _is_auth_refusal(exc):
+            # The server's answer to our credentials: it may be fixed on the server without restarting
+            # us, so the client keeps trying (every second); the log says it clearly, not every time.
+            self._auth_refusals += 1
+            if self._auth_refusals == 1 or self._auth_refusals % 60 == 0:
+                log.error("NATS at %s refused this agent's credentials (%s, %d time(s) in a row): check "
+                          "--nats-user/--nats-password, --nats-token, --nats-nkey or --nats-creds and the "
+                          "server's authorization; retrying", self.config.nats.describe(), exc,
+                          self._auth_refusals)
+            return
         log.warning("NATS error: %s", exc)
 
     async def _on_command(self, msg: Msg) -> None:
@@ -422,6 +436,12 @@ class Agent:
                     await nc.close()
             except (TimeoutError, nats.errors.Error) as exc:
                 log.warning("NATS close at stop failed: %s", exc or type(exc).__name__)
+
+
+def _is_auth_refusal(exc: Exception) -> bool:
+    # Before CONNECT completes, nats-py reports the server's "-ERR 'Authorization Violation'" as a
+    # plain nats.errors.Error; after, as AuthorizationError.
+    return isinstance(exc, nats.errors.AuthorizationError) or "authorization violation" in str(exc).lower()
 
 
 def _ack_error(data: bytes) -> str | None:

@@ -13,7 +13,9 @@ from aether_protocol import subjects as subj
 from aether_protocol.connection import NatsSettings, add_nats_arguments, split_servers
 from headless_agent.agent import Agent, AgentConfig, default_host_id, default_log_dir
 from headless_agent.backend import BackendError, GpuBackend
+from headless_agent.job_env import check_allowed_env
 from headless_agent.jobs import JobPolicy
+from headless_agent.nats_config import NatsConfigError, check_nats_settings
 
 ENV_PREFIX = "AETHER_"
 
@@ -39,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-jobs", action="store_true", help="allow this host to run jobs")
     p.add_argument("--allow-cmd", action="append", default=[], metavar="CMD",
                    help="a command (argv[0] name or exact path) jobs may run; repeatable; empty = none")
+    p.add_argument("--allow-env", action="append", default=[], metavar="NAME",
+                   help="an environment variable jobs may set; repeatable; once given, jobs may set only "
+                   "these (default: any but loader/interpreter hooks such as LD_*, PYTHONPATH, BASH_ENV)")
     p.add_argument("--jobs-mode", choices=("auto", "process", "simulate"), default="auto",
                    help="auto: simulated jobs on a simulated backend, real processes on NVML")
     p.add_argument("--job-log-dir", type=Path, help="where job logs go (default: the user data folder)")
@@ -104,6 +109,20 @@ def main(argv: list[str] | None = None) -> int:
         print("aether-agent: --interval must be positive", file=sys.stderr)
         return 2
     try:
+        opened_hooks = check_allowed_env(args.allow_env)
+    except ValueError as exc:
+        print(f"aether-agent: {exc}", file=sys.stderr)
+        return 2
+    if opened_hooks:
+        log.warning("--allow-env lets jobs set %s, which make programs load code or start-up files of the "
+                    "requester's choice", ", ".join(opened_hooks))
+    nats_settings = settings_from_args(args, dict(os.environ), name=f"aether-agent {host}")
+    try:
+        check_nats_settings(nats_settings)
+    except NatsConfigError as exc:  # would fail every connect attempt: say so now, once
+        print(f"aether-agent: {exc}", file=sys.stderr)
+        return 2
+    try:
         backend = make_backend(args, host)
     except (BackendError, ValueError) as exc:
         print(f"aether-agent: {exc}", file=sys.stderr)
@@ -111,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     policy = JobPolicy(
         allow_jobs=args.allow_jobs,
         allowed_commands=tuple(args.allow_cmd),
+        allowed_env=tuple(dict.fromkeys(args.allow_env)),
         log_dir=args.job_log_dir or default_log_dir(),
         max_log_bytes=max(0, int(args.job_log_max_mib * 1024 * 1024)),
     )
@@ -118,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("--allow-jobs without --allow-cmd: the allowlist is empty, every job will be refused")
     config = AgentConfig(
         host=host,
-        nats=settings_from_args(args, dict(os.environ), name=f"aether-agent {host}"),
+        nats=nats_settings,
         interval_s=args.interval,
         prefix=prefix,
         policy=policy,

@@ -3,7 +3,15 @@
 A job runs only if the agent was started with ``--allow-jobs`` and its
 ``argv[0]`` is in the allowlist (an empty allowlist refuses everything). The
 argv is executed directly (``subprocess`` without a shell), so ``; rm -rf /``
-is just an argument. ``CUDA_VISIBLE_DEVICES`` is set to the job's GPUs.
+is just an argument. ``CUDA_VISIBLE_DEVICES`` is set to the job's GPUs; which
+variables a job may set is decided in ``job_env``.
+
+A job is its process group (it starts a session of its own): cancelling it
+signals the whole group, and its GPUs count as free only once no process of the
+group is left, also when the first process exits and leaves workers behind.
+Because a job has its own session, it outlives an agent that crashes or is
+SIGKILLed (a parent-death signal cannot be set safely from a threaded parent);
+under the shipped systemd unit the service's control-group kill ends it.
 """
 
 from __future__ import annotations
@@ -21,21 +29,22 @@ from pathlib import Path
 
 from aether_protocol import JobSpec
 from headless_agent.backend import BackendError, JobOutcome
+from headless_agent.job_env import env_refusal, job_environment
+
+__all__ = ["JobPolicy", "ProcessJobRunner", "check_job", "failure_detail", "job_environment"]
 
 log = logging.getLogger("aether.agent.jobs")
 
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-# Variables a job may not override: they decide what the job can touch.
-_PROTECTED_ENV = frozenset({"CUDA_VISIBLE_DEVICES", "LD_PRELOAD", "LD_LIBRARY_PATH", "PATH"})
 _JOB_ID = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
-# The agent's own secrets (NATS password, token, creds path) are not the job's business.
-_SECRET_ENV_PREFIX = "AETHER_NATS"
 
 
 @dataclass(frozen=True)
 class JobPolicy:
     allow_jobs: bool = False
     allowed_commands: tuple[str, ...] = ()
+    # Environment variables jobs may set (--allow-env); empty: any but the agent's own and the
+    # loader/interpreter hooks listed in job_env.
+    allowed_env: tuple[str, ...] = ()
     log_dir: Path = Path("/tmp/aether-jobs")
     cancel_grace_s: float = 10.0
     # A running job's log beyond this is rotated: its last LOG_KEEP_BYTES go to
@@ -44,6 +53,10 @@ class JobPolicy:
 
 
 LOG_KEEP_BYTES = 1024 * 1024
+# After SIGKILL, how long a job's process group may take to disappear before its GPUs are reported
+# free anyway (a process stuck in the driver, or zombies nobody reaps in a container without init).
+GROUP_GONE_S = 5.0
+_GROUP_POLL_S = 0.1
 
 
 def check_job(job: JobSpec, policy: JobPolicy, gpu_count: int) -> None:
@@ -70,10 +83,9 @@ def check_job(job: JobSpec, policy: JobPolicy, gpu_count: int) -> None:
     if bad:
         raise BackendError(f"no GPU with index {bad[0]} on this host (it has {gpu_count})")
     for name in (job.env or {}):
-        if not _ENV_NAME.match(name):
-            raise BackendError(f"invalid environment variable name {name!r}")
-        if name in _PROTECTED_ENV:
-            raise BackendError(f"a job may not set {name}")
+        refusal = env_refusal(name, policy.allowed_env)
+        if refusal is not None:
+            raise BackendError(refusal)
     if job.cwd is not None:
         if not os.path.isabs(job.cwd):
             # Relative to wherever the agent was started (often / under systemd): never what was meant.
@@ -82,14 +94,6 @@ def check_job(job: JobSpec, policy: JobPolicy, gpu_count: int) -> None:
             raise BackendError(f"working directory {job.cwd!r} does not exist on this host")
         if not os.access(job.cwd, os.X_OK):
             raise BackendError(f"working directory {job.cwd!r} is not accessible to the agent's user")
-
-
-def job_environment(job: JobSpec, base: dict[str, str] | None = None) -> dict[str, str]:
-    env = {k: v for k, v in (os.environ if base is None else base).items() if not k.startswith(_SECRET_ENV_PREFIX)}
-    env.update(job.env or {})
-    env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in job.gpus)
-    env["AETHER_JOB_ID"] = job.id
-    return env
 
 
 # What frameworks print when a GPU runs out of memory (PyTorch, TensorFlow, JAX/XLA, plain CUDA).
@@ -114,6 +118,14 @@ class _Running:
     started: float
     cancelled: bool = False
     waiter: asyncio.Task[None] | None = field(default=None, repr=False)
+    # Set when the group got SIGTERM: sends SIGKILL to the group after the grace period.
+    killer: asyncio.Task[None] | None = field(default=None, repr=False)
+    killed_at: float | None = None  # monotonic time of the SIGKILL
+    ended: bool = False  # no process of the group is left (or we gave up waiting)
+
+    @property
+    def pgid(self) -> int:
+        return self.proc.pid  # start_new_session: the first process leads the job's group
 
 
 class ProcessJobRunner:
@@ -169,6 +181,18 @@ class ProcessJobRunner:
 
     async def _wait(self, run: _Running) -> None:
         code = await run.proc.wait()
+        # In a thread: with processes left, telling zombies apart reads /proc, which takes a while on a busy host.
+        if await asyncio.to_thread(_group_alive, run.pgid):
+            if run.killer is None:
+                # A launcher that exited (or crashed) and left workers behind: they still hold the
+                # job's GPUs. They are the job's, and end with it.
+                log.warning("job %s: its first process exited (code %s) but processes of its group remain; "
+                            "ending them", run.job.id, code)
+                self._terminate(run)
+            await self._until_group_gone(run)
+        run.ended = True
+        if run.killer is not None:
+            run.killer.cancel()
         self._running.pop(run.job.id, None)
         if run.cancelled:
             kind, detail = "job_cancelled", "cancelled by the operator"
@@ -232,23 +256,44 @@ class ProcessJobRunner:
         if run is None:
             return False
         run.cancelled = True
-        self._signal(run, signal.SIGTERM)
-        asyncio.ensure_future(self._kill_later(run))
+        self._terminate(run)
         return True
 
+    def _terminate(self, run: _Running) -> None:
+        """SIGTERM the job's whole process group now, SIGKILL it after the grace period."""
+        if run.killer is not None:
+            return
+        self._signal(run, signal.SIGTERM)
+        run.killer = asyncio.ensure_future(self._kill_later(run))
+
     async def _kill_later(self, run: _Running) -> None:
-        try:
-            await asyncio.wait_for(asyncio.shield(run.proc.wait()), self.policy.cancel_grace_s)
-        except TimeoutError:
-            log.warning("job %s ignored SIGTERM for %.0f s: killing it", run.job.id, self.policy.cancel_grace_s)
-            self._signal(run, signal.SIGKILL)
+        await asyncio.sleep(self.policy.cancel_grace_s)
+        if run.ended:
+            return
+        # Whether or not the first process is still there: a launcher that exits on SIGTERM
+        # may leave a worker that ignores it, and that worker still holds the GPU.
+        log.warning("job %s: processes still running %.0f s after SIGTERM: killing its process group",
+                    run.job.id, self.policy.cancel_grace_s)
+        run.killed_at = time.monotonic()
+        self._signal(run, signal.SIGKILL)
+
+    async def _until_group_gone(self, run: _Running) -> None:
+        """Wait until no process of the job's group is left (the SIGKILL comes from _kill_later)."""
+        while await asyncio.to_thread(_group_alive, run.pgid):
+            if run.killed_at is not None and time.monotonic() - run.killed_at > GROUP_GONE_S:
+                log.error("job %s: process group %d is still there %.0f s after SIGKILL; reporting the job "
+                          "ended anyway", run.job.id, run.pgid, GROUP_GONE_S)
+                return
+            await asyncio.sleep(_GROUP_POLL_S)
 
     @staticmethod
     def _signal(run: _Running, sig: signal.Signals) -> None:
         try:
-            os.killpg(run.proc.pid, sig)
+            os.killpg(run.pgid, sig)
         except ProcessLookupError:
-            return
+            return  # the whole group is gone already
+        except PermissionError as exc:  # a process of the group changed its user: nothing we can do
+            log.error("job %s: cannot send %s to its process group: %s", run.job.id, sig.name, exc)
 
     def log_tail(self, job_id: str, max_bytes: int = 8192) -> str:
         if not _JOB_ID.match(job_id):
@@ -272,8 +317,37 @@ class ProcessJobRunner:
             raise BackendError(f"cannot read the log of job {job_id}: {exc.strerror or exc}") from exc
 
     async def stop_all(self) -> None:
+        """Cancel every job and wait until their process groups are gone (SIGKILL after the grace)."""
         for run in list(self._running.values()):
             await self.cancel(run.job.id)
         waiters: Sequence[asyncio.Task[None]] = [r.waiter for r in self._running.values() if r.waiter]
         if waiters:
-            await asyncio.wait(waiters, timeout=self.policy.cancel_grace_s + 1)
+            await asyncio.wait(waiters, timeout=self.policy.cancel_grace_s + GROUP_GONE_S + 1)
+
+
+def _group_alive(pgid: int, proc_root: Path = Path("/proc")) -> bool:
+    """Whether any live process of the group is left (the reaped first process no longer counts).
+
+    Zombies do not count: they hold no GPU, and where nothing reaps orphans (a container
+    without an init) they would keep the group "alive" for ever.
+    """
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # it exists, under another user
+    if not proc_root.is_dir():
+        return True  # no /proc to tell zombies apart: the signal's answer is all there is
+    for entry in proc_root.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue  # gone meanwhile
+        # "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses, so split after the last ")".
+        fields = stat[stat.rfind(")") + 2:].split()
+        if len(fields) > 2 and fields[2] == str(pgid) and fields[0] != "Z":
+            return True
+    return False

@@ -8,7 +8,10 @@ ThreadPoolExecutor, whose threads are joined at exit) so that a call stuck in
 the driver never keeps the agent from exiting.
 
 "Sleep" is the one power saving NVML offers per GPU: the power limit lowered
-to its minimum (there is no per-GPU power-off), restored on wake.
+to its minimum (there is no per-GPU power-off), restored on wake. The GPU keeps
+that limit when the agent stops, so the state is read back from the GPU at start:
+a GPU whose limit is at its minimum, below its default, is reported sleeping, and
+waking a GPU whose earlier limit is not known restores NVML's default limit.
 """
 
 from __future__ import annotations
@@ -93,7 +96,7 @@ class _Gpu:
     failures: int = 0
     lost: bool = False
     sleeping: bool = False
-    saved_limit_mw: int | None = None
+    saved_limit_mw: int | None = None  # what wake restores; None: the GPU's default limit
 
 
 def _load_pynvml() -> object:
@@ -137,6 +140,7 @@ class NvmlBackend:
         ]
         if count == 0:
             log.warning("NVML found no GPUs on this host")
+        self._find_sleeping()
 
     # ------------------------------------------------------------------ reading
 
@@ -206,6 +210,30 @@ class NvmlBackend:
             log.exception("reading GPU %d failed", gpu.reader.index)
             return ReadResult(None, [f"{type(exc).__name__}: {exc}"])
 
+    def _find_sleeping(self) -> None:
+        """Mark GPUs that an earlier agent put to sleep (their limit is still at the minimum).
+
+        Asked of every GPU in parallel, with the control deadline: a GPU that does not
+        answer in time is taken as awake, as before.
+        """
+        asked = [(gpu, gpu.worker.submit(functools.partial(_at_sleep_floor, gpu.reader))) for gpu in self._gpus]
+        wait([f for _, f in asked], timeout=self._control_timeout_s)
+        for gpu, fut in asked:
+            if not fut.done():
+                fut.cancel()
+                continue
+            try:
+                floor = fut.result()
+            except NvmlCallError as exc:  # no limits on this GPU (or lost): it cannot be asleep
+                log.debug("GPU %d: cannot tell whether it is asleep (%s)", gpu.reader.index, exc.message)
+                continue
+            if floor is not None:
+                low, default = floor
+                log.info("GPU %d is at its minimum power limit (%g W, default %g W): reporting it sleeping; "
+                         "wake restores the default", gpu.reader.index, low / 1000, default / 1000)
+                gpu.sleeping = True
+                gpu.saved_limit_mw = None
+
     # ------------------------------------------------------------------ control
 
     def sleep(self, gpus: Sequence[int] | None) -> None:
@@ -228,17 +256,15 @@ class NvmlBackend:
         _raise_collected(errors, done)
 
     def wake(self, gpus: Sequence[int] | None) -> None:
-        """Restore the power limit each sleeping GPU had before sleep."""
+        """Restore the power limit each sleeping GPU had before sleep (its default limit if unknown)."""
         errors: list[str] = []
         done: list[int] = []
         for index in self._targets(gpus):
             gpu = self._gpus[index]
             if not gpu.sleeping:
                 continue
-            saved = gpu.saved_limit_mw
             try:
-                if saved is not None:
-                    self._control(gpu, functools.partial(_set_limit, milliwatts=saved), "wake")
+                self._control(gpu, functools.partial(_wake_gpu, saved_mw=gpu.saved_limit_mw), "wake")
             except BackendError as exc:
                 errors.append(str(exc))
                 continue
@@ -343,12 +369,44 @@ def _set_limit(reader: DeviceReader, milliwatts: int) -> None:
     reader.query.invoke("nvmlDeviceSetPowerManagementLimit", reader.handle(), milliwatts)
 
 
-def _sleep_gpu(reader: DeviceReader) -> int:
-    """Drop to the minimum power limit; returns the configured limit to restore on wake."""
+def _default_limit(reader: DeviceReader) -> int:
+    return int(reader.query.invoke("nvmlDeviceGetPowerManagementDefaultLimit", reader.handle()))
+
+
+def _sleep_gpu(reader: DeviceReader) -> int | None:
+    """Drop to the minimum power limit; returns the limit to restore on wake.
+
+    None when the GPU is already at the minimum (slept by an earlier agent, or set
+    there): the minimum is never what wake restores, the default limit is then.
+    """
     current = int(reader.query.invoke("nvmlDeviceGetPowerManagementLimit", reader.handle()))
     low, _high = _constraints(reader)
     _set_limit(reader, low)
-    return current
+    return current if current > low else None
+
+
+def _wake_gpu(reader: DeviceReader, saved_mw: int | None) -> None:
+    if saved_mw is None:
+        try:
+            saved_mw = _default_limit(reader)
+        except GpuLostError:
+            raise  # said as "lost" by _control, not as a missing default
+        except NvmlCallError as exc:
+            raise BackendError(
+                f"GPU {reader.index}: no power limit to restore is known and NVML has no default limit "
+                f"({exc.message}); set one with set_power_limit"
+            ) from exc
+    _set_limit(reader, saved_mw)
+
+
+def _at_sleep_floor(reader: DeviceReader) -> tuple[int, int] | None:
+    """(minimum, default) when the GPU's limit is at its minimum and that is below its default."""
+    current = int(reader.query.invoke("nvmlDeviceGetPowerManagementLimit", reader.handle()))
+    low, _high = _constraints(reader)
+    if current > low:
+        return None
+    default = _default_limit(reader)
+    return (low, default) if default > low else None
 
 
 def _control_message(index: int, exc: NvmlCallError) -> str:

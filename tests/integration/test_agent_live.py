@@ -214,3 +214,23 @@ async def test_sigterm_while_nats_is_down_exits_promptly(nats_server, tmp_path: 
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+async def test_sighup_stops_the_agent_like_sigterm(nats_url: str, tmp_path: Path) -> None:
+    import signal
+
+    events: list[Event] = []
+    bus = Bus(NatsSettings(servers=(nats_url,)), on_event=events.append)
+    await bus.start(wait=10)
+    agent = start_agent(nats_url, "it-hup", "--simulate", "1", "--interval", "0.2", log=tmp_path / "agent.log")
+    try:
+        assert await wait_for(lambda: any(e.kind == "agent_started" for e in events))
+        agent.send_signal(signal.SIGHUP)  # the ssh session that started it went away
+        assert agent.wait(15) == 0, (tmp_path / "agent.log").read_text()
+        # Drained like a SIGTERM: the stop is announced, not cut off.
+        assert await wait_for(lambda: any(e.kind == "agent_stopping" for e in events), timeout=10)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()
+        await bus.stop()

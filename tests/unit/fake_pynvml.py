@@ -65,6 +65,7 @@ class FakeGpu:
     enforced_mw: int | None = None  # None: same as limit_mw
     min_mw: int = 200_000
     max_mw: int = 700_000
+    default_mw: int = 700_000  # what the board sets at boot (NVML's default power limit)
     sm_clock: int = 1980
     mem_clock: int = 2619
     fan_pct: int | None = None  # None: passively cooled, NOT_SUPPORTED
@@ -202,6 +203,9 @@ class FakeNvml:
     def nvmlDeviceGetPowerManagementLimitConstraints(self, h: FakeHandle) -> list[int]:
         gpu = self._gpu(h, "nvmlDeviceGetPowerManagementLimitConstraints")
         return [gpu.min_mw, gpu.max_mw]
+
+    def nvmlDeviceGetPowerManagementDefaultLimit(self, h: FakeHandle) -> int:
+        return self._gpu(h, "nvmlDeviceGetPowerManagementDefaultLimit").default_mw
 
     def nvmlDeviceSetPowerManagementLimit(self, h: FakeHandle, limit: int) -> None:
         gpu = self._gpu(h, "nvmlDeviceSetPowerManagementLimit")
