@@ -26,9 +26,12 @@ MAX_GPUS = 64
 MAX_PRIORITY = 1_000_000
 _HOST_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-# The agent sets these itself for the GPUs it assigns; letting a job override them
-# would make it run on GPUs the scheduler did not give it.
-RESERVED_ENV = frozenset({"CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES"})
+# The agent sets these itself (headless_agent.job_env.AGENT_ENV): overriding them would
+# run a job on GPUs the scheduler did not give it, or run another program than argv[0]
+# names. Every agent refuses them, so the form does too. (Loader and interpreter hooks
+# such as LD_AUDIT are refused by the agents unless an operator allowed them there.)
+RESERVED_ENV = frozenset({"CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "NVIDIA_VISIBLE_DEVICES", "PATH"})
+RESERVED_ENV_PREFIX = "AETHER_"
 
 FIELDS = ("command", "gpus", "mem", "kind", "expected", "priority", "deadline", "env", "cwd")
 
@@ -195,8 +198,8 @@ def parse_env(text: str) -> dict[str, str]:
             raise ValueError(f"line {n}: expected KEY=VALUE")
         if not _ENV_NAME_RE.match(key):
             raise ValueError(f"line {n}: {key!r} is not a valid variable name (letters, digits, _)")
-        if key in RESERVED_ENV:
-            raise ValueError(f"line {n}: {key} is set by the agent for the GPUs it assigns")
+        if key in RESERVED_ENV or key.startswith(RESERVED_ENV_PREFIX):
+            raise ValueError(f"line {n}: {key} is set by the agent (GPUs, program path, job id)")
         if key in env:
             raise ValueError(f"line {n}: {key} is set twice")
         if "\x00" in value:

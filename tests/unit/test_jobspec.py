@@ -94,7 +94,9 @@ def test_gpus() -> None:
 def test_env() -> None:
     assert parse_env("A=1\n\n# note\nB_2 = x=y \n") == {"A": "1", "B_2": " x=y"}
     for bad, msg in [("1A=x", "valid variable name"), ("A", "KEY=VALUE"), ("A=1\nA=2", "twice"),
-                     ("CUDA_VISIBLE_DEVICES=0", "set by the agent"), ("MY-VAR=1", "valid variable name")]:  # fmt: skip
+                     ("CUDA_VISIBLE_DEVICES=0", "set by the agent"), ("MY-VAR=1", "valid variable name"),
+                     ("CUDA_DEVICE_ORDER=FASTEST_FIRST", "set by the agent"), ("PATH=/tmp", "set by the agent"),
+                     ("AETHER_JOB_ID=x", "set by the agent")]:  # fmt: skip
         with pytest.raises(ValueError, match=msg):
             parse_env(bad)
 
