@@ -11,6 +11,11 @@ from aether_desktop.widgets import theme
 from aether_desktop.widgets.state import QtState
 
 
+# "Catching up" once more samples wait than the fleet sends in this long (and at least this many).
+BACKLOG_S = 5.0
+BACKLOG_MIN_SAMPLES = 1000
+
+
 def _dot(colour: str, text: str) -> str:
     return f"<span style='color:{colour}'>●</span> {text}"
 
@@ -37,6 +42,7 @@ class FleetStatusBar(QStatusBar):
         self._timer.setInterval(1000)
         self._timer.timeout.connect(self._on_clock)
 
+        self._db_status: tuple[bool, int, str] = (True, 0, "")
         self._on_connection_changed(*state.connection)
         self._on_db_status_changed(*state.db_status)
         if state.last_notice is not None:
@@ -66,6 +72,7 @@ class FleetStatusBar(QStatusBar):
             detail = ", ".join(f"{k} {v}" for k, v in sorted(fleet.rejected.items()))
             self.rejected_label.setText(f"<span style='color:{theme.WARN}'>{rejected:,} rejected</span>")
             self.rejected_label.setToolTip(f"Messages that broke the protocol: {detail}")
+        self._render_db()  # whether a backlog is worth showing depends on the fleet's rate
 
     def _show_notice(self, level: str, text: str, ts: float) -> None:
         colour = theme.NOTICE_COLORS.get(level, theme.TEXT)
@@ -82,10 +89,23 @@ class FleetStatusBar(QStatusBar):
         self.nats_label.setToolTip(detail or f"NATS {state}")
 
     def _on_db_status_changed(self, ok: bool, waiting: int, detail: str) -> None:
+        self._db_status = (ok, waiting, detail)
+        self._render_db()
+
+    def _render_db(self) -> None:
+        ok, waiting, detail = self._db_status
+        # Samples are always on their way (fetched, in a batch, being written): only a
+        # backlog beyond a few seconds of the fleet's flow is worth the operator's eye.
+        _msgs, rate = self._state.fleet.rates(self._state.now())
+        backlog = waiting > max(BACKLOG_MIN_SAMPLES, rate * BACKLOG_S)
         if ok and detail:
             text = _dot(theme.MUTED, detail)  # e.g. "history is off (--no-db)"
+        elif ok and backlog:
+            text = _dot(theme.WARN, f"database ok, catching up: {waiting:,} samples waiting")
+            detail = "Stored samples trail what agents publish (the station was away, or the database was slow)."
         elif ok:
-            text = _dot(theme.OK, "database ok") if not waiting else _dot(theme.WARN, f"database ok, {waiting:,} waiting")
+            text = _dot(theme.OK, "database ok")
+            detail = f"{waiting:,} samples on their way to the database" if waiting else "database ok"
         elif waiting:
             text = _dot(theme.CRIT, f"database unavailable, {waiting:,} samples waiting")
         else:

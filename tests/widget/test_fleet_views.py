@@ -345,6 +345,11 @@ def test_status_bar_connection_db_and_rejects(window: MainWindow, state: QtState
     assert "NATS reconnecting" in window.status.nats_label.text()
     state.set_db_status(False, 5, "refused")
     assert "database unavailable, 5 samples waiting" in window.status.db_label.text()
+    # Samples in flight are normal: no warning for a batch on its way, only for a backlog.
+    state.set_db_status(True, 40, "")
+    assert window.status.db_label.text().endswith("database ok") and "40 samples" in window.status.db_label.toolTip()
+    state.set_db_status(True, 250_000, "")
+    assert "catching up: 250,000 samples waiting" in window.status.db_label.text()
     fleet.note_rejected("invalid_json", 7)
     state.tick_now()
     assert "7 rejected" in window.status.rejected_label.text()
