@@ -365,6 +365,11 @@ class Station:
         self._stoppers.append(fn)
 
     def _on_ingest_status(self, status: Any) -> None:
+        if status.db_ok and status.last_error:
+            # The database is fine but samples do not reach it (a stream that refuses
+            # pulls, a failing hook): "database ok" would hide that nothing is stored.
+            self.sink.set_db_status(False, 0, f"history ingest: {status.last_error}")
+            return
         detail = "" if status.db_ok else f"database unavailable, {status.waiting} samples waiting"
         if not status.db_ok and status.last_error:
             detail += f" ({status.last_error})"

@@ -4,10 +4,10 @@ The canonical contract is docs/PROTOCOL.md. Everything here is pure (no I/O)
 so agent, station and tests share one implementation.
 
 Validation is done by msgspec while decoding (types, required fields,
-patterns, finite numbers); a few rules msgspec cannot express (version,
-message size) are checked around it. Every failure becomes a ProtocolError
-with a short machine-usable ``reason`` so readers can count rejections per
-reason.
+patterns, finite numbers, the value ranges storage can hold); a few rules
+msgspec cannot express (version, message size) are checked around it. Every
+failure becomes a ProtocolError with a short machine-usable ``reason`` so
+readers can count rejections per reason.
 """
 
 from __future__ import annotations
@@ -24,7 +24,17 @@ MAX_MESSAGE_BYTES = 1024 * 1024
 # it (and any NaN, since NaN fails every comparison).
 Finite = Annotated[float, msgspec.Meta(ge=-1e300, le=1e300)]
 NonNeg = Annotated[float, msgspec.Meta(ge=0, le=1e300)]
-Count = Annotated[int, msgspec.Meta(ge=0)]
+
+# Value ranges of what the station stores (docs/PROTOCOL.md, "Value ranges"): a
+# value its column cannot hold would otherwise pass here and then fail (or, for
+# a binary-COPYed int4, silently wrap) only when the batch is written.
+MAX_TS = 253_402_300_799.0  # 9999-12-31T23:59:59Z: PostgreSQL's timestamptz and Python's datetime hold it
+INT4_MAX = 2**31 - 1
+INT8_MAX = 2**63 - 1
+Timestamp = Annotated[float, msgspec.Meta(ge=0, le=MAX_TS)]
+Count = Annotated[int, msgspec.Meta(ge=0, le=INT8_MAX)]  # seq, pid, ecc_dbe: int8 columns
+Index = Annotated[int, msgspec.Meta(ge=0, le=INT4_MAX)]  # GPU indexes, XID codes: int4 columns
+ExitCode = Annotated[int, msgspec.Meta(ge=-INT4_MAX - 1, le=INT4_MAX)]
 HostId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 ShortStr = Annotated[str, msgspec.Meta(max_length=256)]
 
@@ -80,7 +90,7 @@ class Process(msgspec.Struct, frozen=True, omit_defaults=True):
 class MigInstance(msgspec.Struct, frozen=True, omit_defaults=True):
     """Optional extension field (v1-compatible): one MIG instance of a GPU."""
 
-    index: Count
+    index: Index
     uuid: ShortStr | None = None
     mem_used_mib: NonNeg | None = None
     mem_total_mib: NonNeg | None = None
@@ -89,7 +99,7 @@ class MigInstance(msgspec.Struct, frozen=True, omit_defaults=True):
 class GpuSample(msgspec.Struct, frozen=True, omit_defaults=True):
     """One GPU read once in one tick: the frozen snapshot that goes on the wire."""
 
-    index: Count
+    index: Index
     uuid: ShortStr
     name: ShortStr
     state: GpuState
@@ -106,7 +116,7 @@ class GpuSample(msgspec.Struct, frozen=True, omit_defaults=True):
     energy_j: NonNeg | None = None
     throttle: list[ShortStr] | None = None
     ecc_dbe: Count | None = None
-    xid: Count | None = None
+    xid: Index | None = None
     processes: list[Process] | None = None
     # Optional extensions (old readers ignore unknown fields).
     mig: list[MigInstance] | None = None
@@ -118,7 +128,7 @@ class Telemetry(msgspec.Struct, frozen=True, omit_defaults=True):
     host: HostId
     boot: ShortStr
     seq: Count
-    ts: Finite
+    ts: Timestamp
     state: HostState
     gpus: list[GpuSample]
     interval_s: NonNeg | None = None
@@ -130,15 +140,15 @@ class Telemetry(msgspec.Struct, frozen=True, omit_defaults=True):
 class Event(msgspec.Struct, frozen=True, omit_defaults=True):
     v: int
     host: HostId
-    ts: Finite
+    ts: Timestamp
     id: ShortStr
     kind: EventKind
     job_id: ShortStr | None = None
-    gpus: list[Count] | None = None
-    exit_code: int | None = None
+    gpus: list[Index] | None = None
+    exit_code: ExitCode | None = None
     detail: Annotated[str, msgspec.Meta(max_length=65536)] | None = None
     # Optional extensions.
-    xid: Count | None = None
+    xid: Index | None = None
     energy_j: NonNeg | None = None
 
 
@@ -148,7 +158,7 @@ class Event(msgspec.Struct, frozen=True, omit_defaults=True):
 class JobSpec(msgspec.Struct, frozen=True, omit_defaults=True):
     id: ShortStr
     argv: Annotated[list[Annotated[str, msgspec.Meta(max_length=4096)]], msgspec.Meta(min_length=1)]
-    gpus: list[Count]
+    gpus: list[Index]
     env: dict[str, str] | None = None
     cwd: ShortStr | None = None
     kind: Literal["training", "inference"] | None = None
@@ -166,16 +176,16 @@ class PingCmd(_Cmd, tag="ping", frozen=True, omit_defaults=True):
 
 
 class SleepCmd(_Cmd, tag="sleep", frozen=True, omit_defaults=True):
-    gpus: list[Count] | None = None
+    gpus: list[Index] | None = None
 
 
 class WakeCmd(_Cmd, tag="wake", frozen=True, omit_defaults=True):
-    gpus: list[Count] | None = None
+    gpus: list[Index] | None = None
 
 
 class SetPowerLimitCmd(_Cmd, tag="set_power_limit", frozen=True, omit_defaults=True):
     watts: NonNeg
-    gpus: list[Count] | None = None
+    gpus: list[Index] | None = None
 
 
 class RunJobCmd(_Cmd, tag="run_job", frozen=True, omit_defaults=True):

@@ -19,6 +19,12 @@ it as ``waiting``. Acks are explicit, one per message after commit: with
 AckPolicy.ALL a delivery lost in transit (a NATS restart) would be acked by a
 later batch's ack and never stored; it measured no faster here anyway.
 
+Nothing one message holds may stop a stream: a message whose rows cannot be
+built, that PostgreSQL refuses, or whose storing keeps failing otherwise (an
+event hook's bug: retried a few times first) is rejected on its own
+(counted, logged, terminated) and the rest stored. A stream or durable
+deleted under a running station is recreated, and reported until it is.
+
 Stream and consumer setup and the status types live in
 :mod:`aether_desktop.services.ingest_streams` and are re-exported here.
 """
@@ -32,8 +38,8 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Iterator, Sequence
-from dataclasses import dataclass, replace
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import TypeVar
 
 import nats.errors
 import psycopg
@@ -43,14 +49,22 @@ from nats.aio.msg import Msg
 from aether_desktop.services.history import ROLLUP_MAX_WAIT_S, ROLLUP_QUIET_S, History
 from aether_desktop.services.ingest_streams import IngestStatus as IngestStatus
 from aether_desktop.services.ingest_streams import RejectCounter as RejectCounter
+from aether_desktop.services.ingest_streams import StatusBoard
 from aether_desktop.services.ingest_streams import StatusCallback as StatusCallback
 from aether_desktop.services.ingest_streams import StreamSpec as StreamSpec
 from aether_desktop.services.ingest_streams import ensure_consumer as ensure_consumer
+from aether_desktop.services.ingest_streams import ensure_stream as ensure_stream
 from aether_desktop.services.ingest_streams import ensure_streams as ensure_streams
 from aether_desktop.services.ingest_streams import stream_specs as stream_specs
 from aether_desktop.services.pull_consumer import PullConsumer
 from aether_desktop.services.store import Store
-from aether_desktop.services.store_sql import PreparedBatch, TelemetryBatch, decode_into, prepare_batch
+from aether_desktop.services.store_sql import (
+    PreparedBatch,
+    TelemetryBatch,
+    decode_into,
+    prepare_events,
+    unstorable,
+)
 from aether_protocol import subjects
 from aether_protocol.messages import Event, ProtocolError
 
@@ -89,6 +103,14 @@ class _Batch:
 # (decoding a whole batch at once held them, and PostgreSQL, up for 50 ms).
 DECODE_SLICE = 200
 
+# Tries of a batch (and then of one message) that fails with something other
+# than a database error, e.g. an event hook's bug: it may be transient, but
+# retried forever it would hold up its stream for good.
+STORE_ATTEMPTS = 3
+
+# A stream or consumer that refuses pulls (deleted, e.g.) is recreated at most this often.
+REPAIR_INTERVAL_S = 5.0
+
 
 async def _decode_batch(
     msgs: Sequence[Msg], kind: str, slice_size: int = DECODE_SLICE
@@ -108,7 +130,13 @@ async def _decode_batch(
             await asyncio.sleep(0)
     if isinstance(out, TelemetryBatch):
         return good, bad, PreparedBatch(out, [], [])
-    return good, bad, prepare_batch([], out)
+    failed: list[tuple[int, Exception]] = []
+    prepared = prepare_events(out, failed)  # out[k] was decoded from good[k]
+    if failed:
+        bad += [(good[k], unstorable(exc)) for k, exc in failed]
+        left_out = {k for k, _ in failed}
+        good = [m for k, m in enumerate(good) if k not in left_out]
+    return good, bad, prepared
 
 
 class _Pipe:
@@ -122,8 +150,10 @@ class _Pipe:
         # Batches fetched and not yet acked, by id(): NAKed on stop so the next
         # run gets them at once instead of after ack_wait.
         self.unacked: dict[int, list[Msg]] = {}
-        # monotonic() when each writer started on its current batch, by batch id().
+        # monotonic() when each writer started on its current batch (or, writing
+        # one by one, its current message), by batch id().
         self.write_started: dict[int, float] = {}
+        self.repaired_at = -math.inf  # monotonic() of the last try to recreate the stream/consumer
 
 
 class JetStreamIngest:
@@ -147,6 +177,8 @@ class JetStreamIngest:
         on_status: StatusCallback | None = None,
         rejects: RejectCounter | None = None,
         telemetry_writers: int = 2,
+        store_attempts: int = STORE_ATTEMPTS,
+        repair_interval_s: float = REPAIR_INTERVAL_S,
     ) -> None:
         self._nc = nc
         self._store = store
@@ -163,9 +195,15 @@ class JetStreamIngest:
         self._stall_s = stall_s
         self._status_interval_s = status_interval_s
         self._rollup_interval_s = rollup_interval_s
-        self._on_status = on_status
+        self._store_attempts = max(1, store_attempts)
+        self._repair_interval_s = repair_interval_s
+        # Room for every batch in flight: prefetched, being decoded, queued, and one per writer.
+        self._max_ack_pending = batch * (3 + self._telemetry_writers)
         self.rejects = rejects or RejectCounter()
-        self._status = IngestStatus()
+        self._board = StatusBoard(on_status, lambda: bool(nc.is_connected))
+        # GPU samples per telemetry message seen: turns the messages waiting into samples.
+        self._tel_messages = 0
+        self._tel_rows = 0
         self._pipes: list[_Pipe] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._stop = asyncio.Event()
@@ -176,7 +214,7 @@ class JetStreamIngest:
 
     @property
     def status(self) -> IngestStatus:
-        return self._status
+        return self._board.status
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -188,9 +226,9 @@ class JetStreamIngest:
         self._stop.clear()
         for spec in stream_specs(self._prefix):
             durable = f"{self._durable}-{spec.kind}"
-            # Room for every batch in flight: prefetched, being decoded, queued, and one per writer.
-            max_ack_pending = self._batch * (3 + self._telemetry_writers)
-            await ensure_consumer(js, spec, durable, ack_wait_s=self._ack_wait_s, max_ack_pending=max_ack_pending)
+            await ensure_consumer(
+                js, spec, durable, ack_wait_s=self._ack_wait_s, max_ack_pending=self._max_ack_pending
+            )
             consumer = PullConsumer(self._nc, spec.stream, durable)
             await consumer.subscribe()
             pipe = _Pipe(spec, consumer)
@@ -233,34 +271,84 @@ class JetStreamIngest:
     # ------------------------------------------------------------------ loops
 
     async def _fetch_loop(self, pipe: _Pipe) -> None:
+        kind = pipe.spec.kind
         while not self._stop.is_set():
             try:
-                # The outer deadline is a watchdog: a fetch must never hang the loop.
-                msgs, refused = await asyncio.wait_for(
-                    pipe.consumer.fetch(self._batch, self._fetch_timeout_s), self._fetch_timeout_s + 10
-                )
-            except TimeoutError:  # nats.errors.TimeoutError is one too
-                continue  # NATS reconnecting: the client retries
-            except nats.errors.Error as exc:
-                refused = f"{exc!r}"
-                msgs = []
-            if refused is not None:  # e.g. the consumer was deleted: report, retry
-                self._update(nats_ok=False, last_error=f"NATS: {pipe.spec.kind} pull: {refused}")
-                await self._sleep(1.0)
-                continue
-            if not msgs:
-                continue
-            good, bad, prepared = await _decode_batch(msgs, pipe.spec.kind)
-            for m, err in bad:
-                log.warning("rejected %s message on %s: %s", pipe.spec.kind, m.subject, err)
-                self.rejects.add(err.reason)
-                await self._term(m)
-            if self._status.rejected != self.rejects.total:
-                self._update(rejected=self.rejects.total)
-            if good:
-                pipe.unacked[id(good)] = good
-                if not await self._put(pipe, _Batch(good, prepared)):
+                if not await self._fetch_once(pipe):
                     return
+            except Exception as exc:  # noqa: BLE001 - a bug must not end this stream's storage silently
+                # The messages of this round were not handed on: JetStream
+                # redelivers them after ack_wait.
+                log.exception("%s ingest: unexpected error; carrying on", kind)
+                self._board.set_problem(f"{kind} ingest", f"{kind}: unexpected {exc!r}")
+                await self._sleep(1.0)
+
+    async def _fetch_once(self, pipe: _Pipe) -> bool:
+        """Fetch, decode and hand on one batch; False when stopping."""
+        kind = pipe.spec.kind
+        try:
+            # The outer deadline is a watchdog: a fetch must never hang the loop.
+            msgs, refused = await asyncio.wait_for(
+                pipe.consumer.fetch(self._batch, self._fetch_timeout_s), self._fetch_timeout_s + 10
+            )
+        except TimeoutError:  # nats.errors.TimeoutError is one too
+            return True  # NATS reconnecting: the client retries
+        except nats.errors.Error as exc:
+            refused = f"{exc!r}"
+            msgs = []
+        if refused is not None:  # e.g. the stream or the consumer was deleted: report, repair, retry
+            await self._pull_refused(pipe, refused)
+            return True
+        self._board.set_problem(f"{kind} pull", None)
+        if not msgs:
+            return True
+        good, bad, prepared = await _decode_batch(msgs, kind)
+        for m, err in bad:
+            # An unstorable message's cause is an unexpected exception: log its traceback.
+            log.warning("rejected %s message on %s: %s", kind, m.subject, err, exc_info=err.__cause__)
+            self.rejects.add(err.reason)
+            await self._term(m)
+        if self._board.status.rejected != self.rejects.total:
+            self._board.update(rejected=self.rejects.total)
+        if good:
+            if kind == "telemetry":
+                self._tel_messages += len(good)
+                self._tel_rows += len(prepared.telemetry.rows)
+            pipe.unacked[id(good)] = good
+            if not await self._put(pipe, _Batch(good, prepared)):
+                return False
+        self._board.set_problem(f"{kind} ingest", None)
+        return True
+
+    async def _pull_refused(self, pipe: _Pipe, refused: str) -> None:
+        """Report a refused pull until pulls work again; recreate what is missing.
+
+        A deleted stream (or durable consumer) is not recreated by anything
+        else: agents' publishes would go nowhere for as long as the station runs.
+        """
+        kind = pipe.spec.kind
+        reason = refused.strip().splitlines()[0] if refused.strip() else "no reason given"
+        self._board.set_problem(f"{kind} pull", f"NATS: {kind} pull refused ({reason})", nats_side=True)
+        now = time.monotonic()
+        if self._nc.is_connected and now - pipe.repaired_at >= self._repair_interval_s:
+            pipe.repaired_at = now
+            js = self._nc.jetstream()
+            spec = pipe.spec
+            try:
+                made = await ensure_stream(
+                    js, spec, max_age_s=self._max_age_s, duplicate_window_s=self._dup_window_s
+                )
+                durable = pipe.consumer.durable
+                made_consumer = await ensure_consumer(
+                    js, spec, durable, ack_wait_s=self._ack_wait_s, max_ack_pending=self._max_ack_pending
+                )
+            except (TimeoutError, nats.errors.Error) as exc:
+                log.warning("%s pull refused (%s); checking stream %s failed: %r", kind, reason, spec.stream, exc)
+            else:
+                # The pull subscription (this client's inbox) outlives both: no resubscribe.
+                log.warning("%s pull refused (%s); stream %s %s, consumer %s %s", kind, reason, spec.stream,
+                            made or "present", durable, made_consumer or "present")
+        await self._sleep(1.0)
 
     async def _write_loop(self, pipe: _Pipe) -> None:
         while True:
@@ -277,80 +365,147 @@ class JetStreamIngest:
             pipe.unacked.pop(id(batch.msgs), None)
 
     async def _write_with_retry(self, pipe: _Pipe, batch: _Batch) -> bool:
+        kind = pipe.spec.kind
         msgs = batch.msgs
         delay = 0.1
-        last_progress = time.monotonic()
+        held_since = time.monotonic()
+        failures = 0  # other than the database's
         while True:
             try:
                 # Watchdog: a write stuck on a dying server counts as a failure
                 # (the pool discards the interrupted connection).
                 await asyncio.wait_for(self._write(batch.prepared), self._write_timeout_s)
             except TimeoutError:
-                self._update(db_ok=False, last_error=f"database: no answer in {self._write_timeout_s:.0f} s")
+                self._board.update(db_ok=False, last_error=f"database: no answer in {self._write_timeout_s:.0f} s")
             except (psycopg.DataError, psycopg.IntegrityError) as exc:
                 # Valid protocol, but PostgreSQL refuses something in it (e.g. a
                 # NUL character in a string): isolate the offending messages
                 # instead of blocking the stream forever.
-                log.warning("database refused a %s batch (%s); writing one by one", pipe.spec.kind, exc)
-                return await self._write_individually(pipe, msgs)
+                log.warning("database refused a %s batch (%s); writing one by one", kind, exc)
+                return await self._write_individually(pipe, batch)
             except psycopg.Error as exc:  # connection refused, server restarting, pool timeout ...
-                self._update(db_ok=False, last_error=f"database: {exc}".strip())
-            except Exception as exc:  # noqa: BLE001 - e.g. a failing event hook: retry, never drop data
-                log.exception("storing a %s batch failed", pipe.spec.kind)
-                self._update(db_ok=False, last_error=f"store: {exc!r}")
+                self._board.update(db_ok=False, last_error=f"database: {exc}".strip())
+            except Exception as exc:  # noqa: BLE001 - e.g. a failing event hook: retry, then isolate it
+                failures += 1
+                last = failures >= self._store_attempts
+                log.warning("storing a %s batch failed (try %d of %d)%s", kind, failures, self._store_attempts,
+                            "; writing it one by one" if last else "", exc_info=exc)
+                if last:
+                    return await self._write_individually(pipe, batch)
+                self._board.set_problem(f"{kind} store", f"storing {kind}: {exc!r}")
             else:
                 await self._ack(msgs)
+                self._board.set_problem(f"{kind} store", None)
                 return True
             if self._stop.is_set():
                 return False
-            if time.monotonic() - last_progress > self._ack_wait_s / 2:
-                # Keep the held batch from being redelivered while we wait.
-                last_progress = time.monotonic()
-                for m in msgs:
-                    with contextlib.suppress(nats.errors.Error):
-                        await m.in_progress()
+            held_since = await self._hold(msgs, held_since)
             await self._sleep(delay)
             delay = min(delay * 2, self._max_backoff_s)
 
-    async def _write(self, prepared: PreparedBatch) -> None:
-        res = await self._store.write_prepared(prepared)
+    async def _write(self, prepared: PreparedBatch, *, hooks: bool = True) -> None:
+        res = await self._store.write_prepared(prepared, hooks=hooks)
         if res.telemetry_rows:
             self._last_rows_at = time.monotonic()
-        s = self._status
-        self._update(
+        s = self._board.status
+        self._board.update(
             db_ok=True,
-            last_error=None if not s.db_ok else s.last_error,
+            last_error=self._board.problems() if not s.db_ok else s.last_error,
             rows_written=s.rows_written + res.telemetry_rows,
             events_written=s.events_written + res.events,
             duplicates=s.duplicates + res.telemetry_duplicates + res.event_duplicates,
         )
 
-    async def _write_individually(self, pipe: _Pipe, msgs: list[Msg]) -> bool:
-        for m in msgs:
-            _, _, one = await _decode_batch([m], pipe.spec.kind)  # decoded fine once already
+    async def _write_individually(self, pipe: _Pipe, batch: _Batch) -> bool:
+        """Store a batch that failed as a whole message by message: what fails
+        on its own is rejected (counted, terminated, logged), the rest stored.
+
+        While the database is unavailable a message is retried as long as it
+        takes, as whole batches are; the messages still held are kept from
+        being redelivered meanwhile, and the stall check times each message,
+        not the whole batch.
+        """
+        kind = pipe.spec.kind
+        msgs = batch.msgs
+        held_since = time.monotonic()
+        for n, m in enumerate(msgs):
+            pipe.write_started[id(batch)] = time.monotonic()
+            _, bad, one = await _decode_batch([m], kind)  # decoded and built fine once already
+            if bad:
+                err = bad[0][1]
+                await self._reject(pipe, m, err.reason, str(err), err.__cause__)
+                continue
+            delay = 0.1
+            failures = 0
             while True:
                 try:
-                    await self._write(one)
+                    await asyncio.wait_for(self._write(one), self._write_timeout_s)
                 except (psycopg.DataError, psycopg.IntegrityError) as exc:
-                    log.warning("database refused %s message on %s: %s", pipe.spec.kind, m.subject, exc)
-                    self.rejects.add("db_refused")
-                    self._update(rejected=self.rejects.total)
-                    await self._term(m)
-                except psycopg.Error as exc:
-                    self._update(db_ok=False, last_error=f"database: {exc}".strip())
+                    await self._reject(pipe, m, "db_refused", f"database refused it: {exc}")
+                except (TimeoutError, psycopg.Error) as exc:
+                    error = exc if isinstance(exc, psycopg.Error) else f"no answer in {self._write_timeout_s:.0f} s"
+                    self._board.update(db_ok=False, last_error=f"database: {error}".strip())
                     if self._stop.is_set():
                         return False
-                    await self._sleep(self._max_backoff_s)
+                    held_since = await self._hold(msgs[n:], held_since)
+                    await self._sleep(delay)
+                    delay = min(delay * 2, self._max_backoff_s)
                     continue
+                except Exception as exc:  # noqa: BLE001 - e.g. a failing event hook
+                    failures += 1
+                    if failures < self._store_attempts:
+                        log.warning("storing a %s message failed (try %d of %d)", kind, failures,
+                                    self._store_attempts, exc_info=exc)
+                        if self._stop.is_set():
+                            return False
+                        await self._sleep(delay)
+                        delay = min(delay * 2, self._max_backoff_s)
+                        continue
+                    if one.events and await self._store_without_hooks(pipe, m, one, exc):
+                        break
+                    await self._reject(pipe, m, "store_failed", f"storing it failed {failures} times", exc)
                 else:
                     await self._ack([m])
                 break
+        self._board.set_problem(f"{kind} store", None)
         return True
+
+    async def _store_without_hooks(self, pipe: _Pipe, m: Msg, one: PreparedBatch, exc: BaseException) -> bool:
+        """An event an event hook keeps failing on is still stored, without its hooks
+        (their side effects, e.g. a job's state, are skipped and logged): a station
+        bug in a hook must not cost the fleet's event log. True when stored and acked."""
+        try:
+            await asyncio.wait_for(self._write(one, hooks=False), self._write_timeout_s)
+        except Exception:  # noqa: BLE001 - not even the plain insert works: the caller rejects it
+            return False
+        log.error("an event hook failed %d times on %s; the event is stored without its hooks",
+                  self._store_attempts, m.subject, exc_info=exc)
+        await self._ack([m])
+        return True
+
+    async def _reject(
+        self, pipe: _Pipe, m: Msg, reason: str, why: str, exc: BaseException | None = None
+    ) -> None:
+        """Count, log (with ``exc``'s traceback) and terminate one message that will never be stored."""
+        log.warning("rejected %s message on %s (%s): %s", pipe.spec.kind, m.subject, reason, why, exc_info=exc)
+        self.rejects.add(reason)
+        self._board.update(rejected=self.rejects.total)
+        await self._term(m)
+
+    async def _hold(self, msgs: Sequence[Msg], since: float) -> float:
+        """Keep held messages from being redelivered while we wait: tell JetStream
+        they are in progress every ack_wait/2 (``since``: when last told)."""
+        if time.monotonic() - since <= self._ack_wait_s / 2:
+            return since
+        for m in msgs:
+            with contextlib.suppress(nats.errors.Error):
+                await m.in_progress()
+        return time.monotonic()
 
     async def _status_loop(self) -> None:
         js = self._nc.jetstream()
         while not self._stop.is_set():
-            waiting = 0
+            waiting = samples = 0
             known = True
             for pipe in self._pipes:
                 try:
@@ -360,7 +515,9 @@ class JetStreamIngest:
                     log.debug("consumer info for %s unavailable: %r", pipe.spec.kind, exc)
                     known = False
                 waiting += pipe.waiting
-            self._update(waiting=waiting, nats_ok=self._nc.is_connected)
+                per_message = self._samples_per_message() if pipe.spec.kind == "telemetry" else 1.0
+                samples += round(pipe.waiting * per_message)
+            self._board.update(waiting=samples, waiting_messages=waiting, nats_ok=self._board.nats_ok())
             if known and waiting == 0:
                 self.caught_up.set()
             self._check_stall()
@@ -377,8 +534,8 @@ class JetStreamIngest:
         now = time.monotonic()
         for pipe in self._pipes:
             started = min(pipe.write_started.values(), default=None)
-            if started is not None and now - started > self._stall_s and self._status.db_ok:
-                self._update(
+            if started is not None and now - started > self._stall_s and self._board.status.db_ok:
+                self._board.update(
                     db_ok=False,
                     last_error=f"database: a {pipe.spec.kind} batch is not stored after {now - started:.0f} s",
                 )
@@ -401,6 +558,10 @@ class JetStreamIngest:
                 log.info("rollup refresh postponed: %s", exc)
 
     # ------------------------------------------------------------------ helpers
+
+    def _samples_per_message(self) -> float:
+        """GPU samples per telemetry message seen so far (1 until one is seen)."""
+        return self._tel_rows / self._tel_messages if self._tel_messages else 1.0
 
     async def _put(self, pipe: _Pipe, item: _Batch) -> bool:
         """Hand a batch to the writer; False when stopping first (the batch is
@@ -434,14 +595,3 @@ class JetStreamIngest:
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stop.wait(), timeout=seconds)
-
-    def _update(self, **changes: Any) -> None:
-        new = replace(self._status, **changes)
-        if new == self._status:
-            return
-        self._status = new
-        if self._on_status is not None:
-            try:
-                self._on_status(new)
-            except Exception:  # noqa: BLE001 - a UI callback must not stop storage
-                log.exception("on_status callback failed")

@@ -35,6 +35,7 @@ from aether_desktop.services.job_watcher import JobWatcher as JobWatcher  # re-e
 from aether_desktop.services.jobspec import new_job_id
 from aether_desktop.services.jobtypes import TERMINAL_STATES, Decision, JobRequest, JobState
 from aether_protocol import Event
+from aether_protocol.messages import MAX_TS
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +181,9 @@ def decision_record(decision: Decision, now: float) -> dict[str, Any]:
 
 
 def _dt(ts: float | None) -> datetime | None:
-    return None if ts is None else datetime.fromtimestamp(ts, UTC)
+    # Clamped to what datetime holds: an absurd time (the protocol bounds events'
+    # ts already) must not fail the event hook and, with it, the write transaction.
+    return None if ts is None else datetime.fromtimestamp(min(max(ts, 0.0), MAX_TS), UTC)
 
 
 def _ts(dt: datetime | None) -> float | None:

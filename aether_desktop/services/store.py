@@ -353,12 +353,15 @@ class Store:
         """Store a batch in one transaction. Raises psycopg errors; nothing is half-written."""
         return await self.write_prepared(prepare_batch(telemetry, events), timeout=timeout)
 
-    async def write_prepared(self, batch: PreparedBatch, *, timeout: float = 5.0) -> WriteResult:
-        """:meth:`write_batch` for a batch built beforehand by :func:`store_sql.prepare_batch`."""
+    async def write_prepared(self, batch: PreparedBatch, *, timeout: float = 5.0, hooks: bool = True) -> WriteResult:
+        """:meth:`write_batch` for a batch built beforehand by :func:`store_sql.prepare_batch`.
+
+        ``hooks=False`` stores new events without running the event hooks: the
+        last resort for an event a hook keeps failing on (kept, not lost)."""
         for attempt in range(3):
             try:
                 async with self.pool.connection(timeout=timeout) as conn:
-                    return await self._write(conn, batch.telemetry, batch.events, batch.event_rows)
+                    return await self._write(conn, batch.telemetry, batch.events, batch.event_rows, hooks)
             except _TRANSIENT_TXN_ERRORS as exc:
                 # Two writers upserting the same inventory rows can deadlock; the
                 # whole transaction rolled back, so simply run it again.
@@ -368,7 +371,12 @@ class Store:
         raise AssertionError("unreachable")
 
     async def _write(
-        self, conn: AsyncConnection, tb: TelemetryBatch, evs: list[Event], ev_rows: list[tuple[object, ...]]
+        self,
+        conn: AsyncConnection,
+        tb: TelemetryBatch,
+        evs: list[Event],
+        ev_rows: list[tuple[object, ...]],
+        hooks: bool = True,
     ) -> WriteResult:
         """COPY telemetry straight into its table (no staging pass, no ON
         CONFLICT's speculative insertion: about twice as cheap for PostgreSQL).
@@ -379,10 +387,10 @@ class Store:
         per batch, and round trips are what the writers wait on."""
         if tb.rows:
             try:
-                return await self._write_txn(conn, tb, evs, ev_rows, direct=True)
+                return await self._write_txn(conn, tb, evs, ev_rows, direct=True, hooks=hooks)
             except psycopg.errors.UniqueViolation:
                 pass
-        return await self._write_txn(conn, tb, evs, ev_rows, direct=False)
+        return await self._write_txn(conn, tb, evs, ev_rows, direct=False, hooks=hooks)
 
     async def _write_txn(
         self,
@@ -392,6 +400,7 @@ class Store:
         ev_rows: list[tuple[object, ...]],
         *,
         direct: bool,
+        hooks: bool = True,
     ) -> WriteResult:
         tel_new = 0
         new_events: list[Event] = []
@@ -424,7 +433,7 @@ class Store:
                 await cur.execute(INSERT_EVENTS)
                 new_ids = {r[0] for r in await cur.fetchall()}
                 new_events = [e for e in evs if e.id in new_ids]
-                if new_events:
+                if new_events and hooks:
                     for hook in self._hooks:
                         await hook(conn, new_events)
         if tb.rows:

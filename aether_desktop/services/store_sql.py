@@ -397,12 +397,20 @@ class InventoryCache:
 
 
 def build_telemetry_batch(
-    messages: Sequence[Telemetry], into: TelemetryBatch | None = None
+    messages: Sequence[Telemetry],
+    into: TelemetryBatch | None = None,
+    *,
+    failed: list[tuple[int, Exception]] | None = None,
 ) -> TelemetryBatch:
     """Flatten host messages into one row per GPU sample (pure; order of TELEMETRY_COLUMNS).
 
     With ``into``, the rows and bookkeeping are added to that batch (the
     ingest builds a batch in slices, yielding to its event loop in between).
+
+    With ``failed``, a message whose rows cannot be built (a value its column
+    cannot hold that got past validation, or a bug) leaves no trace in the
+    batch and is reported there as (position, exception); without it the
+    exception propagates.
 
     The hot loop of ingest (under a microsecond per GPU sample): per-message
     work is hoisted out of the GPU loop, and arrays are encoded once per
@@ -410,14 +418,53 @@ def build_telemetry_batch(
     from one second to the next).
     """
     b = TelemetryBatch() if into is None else into
-    rows_append = b.rows.append
+    rows = b.rows
+    rows_append = rows.append
     throttles: dict[tuple[str, ...], Encoded] = {}
     procs_cache: dict[tuple[Process, ...], tuple[Encoded, Encoded, Encoded]] = {}
     hosts, host_gpus, dirty_buckets = b.hosts, b.host_gpus, b.dirty_buckets
     n_procs = 0
-    for t in messages:
+    for k, t in enumerate(messages):
         host, boot, seq, ts, hstate = t.host, t.boot, t.seq, t.ts, t.state
-        ts_enc = encode_ts(ts)
+        first_row, procs_before = len(rows), n_procs
+        # Rows first, the bookkeeping only once they all built, so a failing
+        # message is undone by truncating the rows (try costs nothing unless it raises).
+        try:
+            ts_enc = encode_ts(ts)
+            for g in t.gpus:
+                th = g.throttle
+                if th is not None:
+                    key = tuple(th)
+                    th_enc = throttles.get(key)
+                    if th_enc is None:
+                        th_enc = throttles[key] = encode_text_array(key)
+                else:
+                    th_enc = None
+                ps = g.processes
+                if ps is None:
+                    p_pid = p_name = p_mem = None
+                else:
+                    pkey = tuple(ps)
+                    pe = procs_cache.get(pkey)
+                    if pe is None:
+                        pe = procs_cache[pkey] = encode_processes(pkey)
+                    p_pid, p_name, p_mem = pe
+                    n_procs += len(ps)
+                rows_append(
+                    (
+                        host, g.index, g.uuid, ts_enc, boot, seq, hstate, g.state,
+                        g.temp_c, g.mem_used_mib, g.mem_total_mib, g.util_pct, g.mem_util_pct,
+                        g.power_w, g.power_limit_w, g.sm_clock_mhz, g.mem_clock_mhz, g.fan_pct,
+                        g.energy_j, th_enc, g.ecc_dbe, g.xid, g.slowdown_temp_c, p_pid, p_name, p_mem,
+                    )
+                )  # fmt: skip
+        except Exception as exc:
+            if failed is None:
+                raise
+            del rows[first_row:]
+            n_procs = procs_before
+            failed.append((k, exc))
+            continue
         h = hosts.get(host)
         if h is None:
             hosts[host] = [ts, ts, boot]
@@ -432,32 +479,6 @@ def build_telemetry_batch(
         dirty_buckets.add((host, int(ts // ROLLUP_BUCKET_S) * ROLLUP_BUCKET_S))
         for g in t.gpus:
             idx = g.index
-            th = g.throttle
-            if th is not None:
-                key = tuple(th)
-                th_enc = throttles.get(key)
-                if th_enc is None:
-                    th_enc = throttles[key] = encode_text_array(key)
-            else:
-                th_enc = None
-            ps = g.processes
-            if ps is None:
-                p_pid = p_name = p_mem = None
-            else:
-                pkey = tuple(ps)
-                pe = procs_cache.get(pkey)
-                if pe is None:
-                    pe = procs_cache[pkey] = encode_processes(pkey)
-                p_pid, p_name, p_mem = pe
-                n_procs += len(ps)
-            rows_append(
-                (
-                    host, idx, g.uuid, ts_enc, boot, seq, hstate, g.state,
-                    g.temp_c, g.mem_used_mib, g.mem_total_mib, g.util_pct, g.mem_util_pct,
-                    g.power_w, g.power_limit_w, g.sm_clock_mhz, g.mem_clock_mhz, g.fan_pct,
-                    g.energy_j, th_enc, g.ecc_dbe, g.xid, g.slowdown_temp_c, p_pid, p_name, p_mem,
-                )
-            )  # fmt: skip
             inv = gpus.get(idx)
             if inv is None:
                 gpus[idx] = [g.uuid, g.name, g.mem_total_mib, ts, ts]
@@ -472,11 +493,23 @@ def build_telemetry_batch(
     return b
 
 
+def unstorable(exc: Exception) -> ProtocolError:
+    """The rejection of a message whose rows could not be built; ``exc`` is its
+    cause, so its traceback is logged with the rejection."""
+    err = ProtocolError("unstorable", f"{exc!r}")
+    err.__cause__ = exc
+    return err
+
+
 def decode_into(
     payloads: Sequence[bytes], out: TelemetryBatch | list[Event]
 ) -> list[tuple[int, ProtocolError]]:
     """Decode wire messages: telemetry straight into rows (``out`` a TelemetryBatch),
     events into the list; returns the rejected ones as (position, reason).
+
+    A telemetry message that decodes but whose rows cannot be built is
+    rejected too, as ``unstorable`` (the exception is the error's cause), and
+    leaves nothing in ``out``: one such message must not hold up the others.
 
     Telemetry structs die here, only rows live on: kept until written, tens of
     thousands of structs per batch made every full GC pass of the ingest walk
@@ -490,7 +523,13 @@ def decode_into(
                 decoded.append(decode_telemetry(data))
             except ProtocolError as exc:
                 bad.append((i, exc))
-        build_telemetry_batch(decoded, out)
+        failed: list[tuple[int, Exception]] = []
+        build_telemetry_batch(decoded, out, failed=failed)
+        if failed:
+            skipped = {i for i, _ in bad}
+            positions = [i for i in range(len(payloads)) if i not in skipped]  # decoded[k] came from here
+            bad += [(positions[k], unstorable(exc)) for k, exc in failed]
+            bad.sort(key=lambda x: x[0])
         return bad
     for i, data in enumerate(payloads):
         try:
@@ -537,6 +576,23 @@ class PreparedBatch:
 def prepare_batch(telemetry: Sequence[Telemetry], events: Sequence[Event]) -> PreparedBatch:
     evs = dedupe_events(events)
     return PreparedBatch(build_telemetry_batch(telemetry), evs, build_event_rows(evs))
+
+
+def prepare_events(events: Sequence[Event], failed: list[tuple[int, Exception]]) -> PreparedBatch:
+    """:func:`prepare_batch` of events alone; an event whose row cannot be built
+    is left out and reported in ``failed`` as (position, exception)."""
+    try:
+        return prepare_batch((), events)
+    except Exception:  # noqa: BLE001 - rare: find the events at fault one by one
+        keep: list[Event] = []
+        for k, e in enumerate(events):
+            try:
+                build_event_rows([e])
+            except Exception as exc:  # noqa: BLE001 - reported to the caller
+                failed.append((k, exc))
+            else:
+                keep.append(e)
+        return prepare_batch((), keep)
 
 
 # Statements the store runs, built once.

@@ -10,7 +10,6 @@ from PySide6.QtWidgets import QLabel, QStatusBar, QWidget
 from aether_desktop.widgets import theme
 from aether_desktop.widgets.state import QtState
 
-
 # "Catching up" once more samples wait than the fleet sends in this long (and at least this many).
 BACKLOG_S = 5.0
 BACKLOG_MIN_SAMPLES = 1000

@@ -88,6 +88,46 @@ def test_wrong_types_rejected(path: tuple, value: object) -> None:
     assert reason(json.dumps(data)) == "invalid_value"
 
 
+@pytest.mark.parametrize("path,value", [
+    (("ts",), 1e300), (("ts",), 253402300800.0), (("ts",), -1.0),
+    (("seq",), 2**63), (("gpus", 0, "ecc_dbe"), 2**63), (("gpus", 0, "processes", 0, "pid"), 2**63),
+    (("gpus", 0, "index"), 2**31), (("gpus", 0, "xid"), 2**31),
+])
+def test_values_storage_cannot_hold_rejected(path: tuple, value: object) -> None:
+    """The ranges of docs/PROTOCOL.md: past them a timestamp or an int8/int4 column fails (or wraps)."""
+    data = json.loads(json.dumps(GOOD))
+    target = data
+    for p in path[:-1]:
+        target = target[p]
+    target[path[-1]] = value
+    with pytest.raises(ProtocolError) as info:
+        decode_telemetry(json.dumps(data))
+    assert info.value.reason == "invalid_value"
+    assert path[-1] in info.value.detail
+
+
+def test_range_limits_themselves_accepted() -> None:
+    data = json.loads(json.dumps(GOOD))
+    data.update(ts=253402300799.0, seq=2**63 - 1)
+    gpu = data["gpus"][0]
+    gpu.update(index=2**31 - 1, xid=2**31 - 1, ecc_dbe=2**63 - 1)
+    gpu["processes"][0]["pid"] = 2**63 - 1
+    msg = decode_telemetry(json.dumps(data))
+    assert msg.ts == 253402300799.0 and msg.gpus[0].index == 2**31 - 1
+    assert decode_telemetry(json.dumps(dict(GOOD, ts=0))).ts == 0
+
+
+@pytest.mark.parametrize("field,value", [
+    ("exit_code", 4294967297), ("exit_code", -(2**31) - 1), ("gpus", [2**31]), ("xid", 2**31),
+    ("ts", 3e11), ("ts", -5.0),
+])
+def test_event_values_storage_cannot_hold_rejected(field: str, value: object) -> None:
+    ev = {"v": 1, "host": "h1", "ts": 1.0, "id": "e-1", "kind": "job_finished", "exit_code": 0, "gpus": [0]}
+    assert reason(json.dumps(dict(ev, **{field: value})), decode_event) == "invalid_value"
+    edge = dict(ev, exit_code=-(2**31), gpus=[2**31 - 1], ts=253402300799.0)
+    assert decode_event(json.dumps(edge)).exit_code == -(2**31)
+
+
 @pytest.mark.parametrize("field", ["v", "host", "boot", "seq", "ts", "state", "gpus"])
 def test_missing_required_fields_rejected(field: str) -> None:
     data = {k: v for k, v in GOOD.items() if k != field}

@@ -144,6 +144,47 @@ def test_decode_into_builds_rows_and_reports_rejects() -> None:
     assert prepared.events == [e] and len(prepared.event_rows) == 1 and len(prepared.telemetry.rows) == 2
 
 
+def _unstorable_tel(seq: int, ts: float) -> Telemetry:
+    """Valid protocol, but GPU 1's process memory does not fit its float4[] column:
+    GPU 0's row builds first, so the failure comes in the middle of the message."""
+    m = tel(seq, ts)
+    big = [Process(pid=7, name="py", mem_used_mib=1e300)]
+    gpus = [m.gpus[0], msgspec.structs.replace(m.gpus[1], uuid="other", processes=big)]
+    return msgspec.structs.replace(m, gpus=gpus)
+
+
+def test_a_message_whose_rows_cannot_be_built_leaves_no_trace() -> None:
+    far = msgspec.structs.replace(tel(4, 150.0, host="h9"), ts=1e300)  # built directly: never validated
+    msgs = [tel(1, 125.0), _unstorable_tel(5, 140.0), far, tel(2, 130.0, boot="c")]
+    failed: list[tuple[int, Exception]] = []
+    b = store_sql.build_telemetry_batch(msgs, failed=failed)
+    assert [(k, type(e)) for k, e in failed] == [(1, OverflowError), (2, struct.error)]
+    want = store_sql.build_telemetry_batch([msgs[0], msgs[3]])
+    assert b.rows == want.rows and b.processes == want.processes == 2
+    assert (b.hosts, b.gpus, b.dirty) == (want.hosts, want.gpus, want.dirty)  # no bookkeeping of its own either
+    with pytest.raises(OverflowError):  # no list to report to: the caller sees the exception
+        store_sql.build_telemetry_batch(msgs)
+
+
+def test_decode_into_rejects_an_unstorable_message_and_keeps_the_rest() -> None:
+    out = store_sql.TelemetryBatch()
+    payloads = [b"not json", encode(tel(1, 125.0)), encode(_unstorable_tel(5, 140.0)), encode(tel(2, 130.0))]
+    bad = store_sql.decode_into(payloads, out)
+    assert [(i, e.reason) for i, e in bad] == [(0, "invalid_json"), (2, "unstorable")]
+    assert isinstance(bad[1][1].__cause__, OverflowError)  # logged with its traceback
+    assert out.rows == store_sql.build_telemetry_batch([tel(1, 125.0), tel(2, 130.0)]).rows
+
+
+def test_prepare_events_leaves_out_an_event_it_cannot_row() -> None:
+    e1 = Event(v=1, host="h", ts=1.0, id="a", kind="wake")
+    broken = Event(v=1, host="h", ts=2.0, id="b", kind="sleep", detail=object())  # type: ignore[arg-type]
+    failed: list[tuple[int, Exception]] = []
+    prepared = store_sql.prepare_events([e1, broken, e1], failed)
+    assert [(k, type(e)) for k, e in failed] == [(1, TypeError)]
+    assert prepared.events == [e1] and len(prepared.event_rows) == 1
+    assert store_sql.prepare_events([e1], failed).events == [e1] and len(failed) == 1
+
+
 def test_events_deduped_and_rowed() -> None:
     e1 = Event(v=1, host="h", ts=1.0, id="a", kind="wake")
     e2 = Event(v=1, host="h", ts=2.0, id="b", kind="sleep", gpus=[0, 1])
@@ -167,11 +208,16 @@ def test_rollup_columns_match_the_migration() -> None:
 
 def test_fetch_sql_uses_whitelisted_metrics_only() -> None:
     raw = history.fetch_sql(["temp_c", "power_w"], rollup=False)
-    assert "avg(t.temp_c)::float8" in raw and "FROM unnest(%s::text[], %s::int4[])" in raw
-    assert "CROSS JOIN LATERAL (SELECT ts, temp_c, power_w FROM telemetry WHERE" in raw and raw.count("%s") == 6
+    # Each bucket's min and max per metric (spikes survive decimation).
+    assert "min(t.temp_c_lo)::float8, max(t.temp_c_hi)::float8" in raw
+    assert "FROM unnest(%s::text[], %s::int4[])" in raw and raw.count("%s") == 6
+    assert "CROSS JOIN LATERAL (SELECT date_part('epoch', ts) AS e, 1 AS w, temp_c AS temp_c_lo" in raw
     assert "OFFSET 0) t" in raw  # not merged into a join: an index range scan per GPU
-    roll = history.fetch_sql(["util_pct"], rollup=True)
-    assert "SELECT bucket, n, util_pct_avg FROM telemetry_1m" in roll and "t.util_pct_avg * t.n" in roll
+    roll = history.fetch_sql(["util_pct", "fan_pct"], rollup=True)
+    # The rollups' min/max where kept (the average otherwise), then the newest minutes from raw rows.
+    assert "util_pct_min AS util_pct_lo, util_pct_max AS util_pct_hi" in roll
+    assert "fan_pct_avg AS fan_pct_lo, fan_pct_avg AS fan_pct_hi" in roll
+    assert "FROM telemetry_1m WHERE" in roll and " UNION ALL SELECT " in roll and roll.count("%s") == 8
     with pytest.raises(ValueError, match="unknown metric"):
         history.fetch_sql(["temp_c", "1; DROP TABLE x"], rollup=False)
     assert history.check_metrics(["temp_c", "temp_c"]) == ["temp_c"]
