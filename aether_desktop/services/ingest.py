@@ -33,12 +33,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import math
 import time
-from collections.abc import Awaitable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Sequence
 from typing import TypeVar
 
 import nats.errors
@@ -46,7 +44,9 @@ import psycopg
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
-from aether_desktop.services.history import ROLLUP_MAX_WAIT_S, ROLLUP_QUIET_S, History
+from aether_desktop.services.history import History
+from aether_desktop.services.history_sql import ROLLUP_MAX_WAIT_S, ROLLUP_QUIET_S
+from aether_desktop.services.ingest_decode import DecodedBatch, decode_batch
 from aether_desktop.services.ingest_streams import IngestStatus as IngestStatus
 from aether_desktop.services.ingest_streams import RejectCounter as RejectCounter
 from aether_desktop.services.ingest_streams import StatusBoard
@@ -58,50 +58,14 @@ from aether_desktop.services.ingest_streams import ensure_streams as ensure_stre
 from aether_desktop.services.ingest_streams import stream_specs as stream_specs
 from aether_desktop.services.pull_consumer import PullConsumer
 from aether_desktop.services.store import Store
-from aether_desktop.services.store_sql import (
+from aether_desktop.services.store_rows import (
     PreparedBatch,
-    TelemetryBatch,
-    decode_into,
-    prepare_events,
-    unstorable,
 )
 from aether_protocol import subjects
-from aether_protocol.messages import Event, ProtocolError
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
-
-@contextlib.contextmanager
-def gc_paused() -> Iterator[None]:
-    """Keep the cyclic GC out of a decode burst.
-
-    Decoding a batch allocates tens of thousands of container objects (structs,
-    lists) that all live until the batch is stored; each allocation burst
-    triggers collections that re-scan them (and everything else alive in the
-    station) without ever freeing any: that doubled the decode cost. Pausing
-    for one batch (a few milliseconds) only postpones collection; reference
-    counting still frees everything as usual.
-    """
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
-
-
-@dataclass(frozen=True)
-class _Batch:
-    msgs: list[Msg]
-    prepared: PreparedBatch
-
-
-# Messages decoded between two turns of the event loop: about 5 ms of work, so
-# the writers' round trips to PostgreSQL are answered promptly meanwhile
-# (decoding a whole batch at once held them, and PostgreSQL, up for 50 ms).
-DECODE_SLICE = 200
 
 # Tries of a batch (and then of one message) that fails with something other
 # than a database error, e.g. an event hook's bug: it may be transient, but
@@ -112,40 +76,13 @@ STORE_ATTEMPTS = 3
 REPAIR_INTERVAL_S = 5.0
 
 
-async def _decode_batch(
-    msgs: Sequence[Msg], kind: str, slice_size: int = DECODE_SLICE
-) -> tuple[list[Msg], list[tuple[Msg, ProtocolError]], PreparedBatch]:
-    """(decodable messages, rejected ones with the reason, the batch to write)."""
-    good: list[Msg] = []
-    bad: list[tuple[Msg, ProtocolError]] = []
-    out: TelemetryBatch | list[Event] = TelemetryBatch() if kind == "telemetry" else []
-    for i in range(0, len(msgs), slice_size):
-        part = msgs[i : i + slice_size]
-        with gc_paused():  # no await inside: the pause covers this slice only
-            rejected = decode_into([m.data for m in part], out)
-        skip = {j for j, _ in rejected}
-        good += [m for j, m in enumerate(part) if j not in skip] if skip else part
-        bad += [(part[j], err) for j, err in rejected]
-        if len(msgs) > slice_size:
-            await asyncio.sleep(0)
-    if isinstance(out, TelemetryBatch):
-        return good, bad, PreparedBatch(out, [], [])
-    failed: list[tuple[int, Exception]] = []
-    prepared = prepare_events(out, failed)  # out[k] was decoded from good[k]
-    if failed:
-        bad += [(good[k], unstorable(exc)) for k, exc in failed]
-        left_out = {k for k, _ in failed}
-        good = [m for k, m in enumerate(good) if k not in left_out]
-    return good, bad, prepared
-
-
 class _Pipe:
     """One stream's durable consumer and its fetch -> write hand-off."""
 
     def __init__(self, spec: StreamSpec, consumer: PullConsumer) -> None:
         self.spec = spec
         self.consumer = consumer
-        self.queue: asyncio.Queue[_Batch] = asyncio.Queue(maxsize=1)
+        self.queue: asyncio.Queue[DecodedBatch] = asyncio.Queue(maxsize=1)
         self.waiting = 0
         # Batches fetched and not yet acked, by id(): NAKed on stop so the next
         # run gets them at once instead of after ack_wait.
@@ -302,7 +239,7 @@ class JetStreamIngest:
         self._board.set_problem(f"{kind} pull", None)
         if not msgs:
             return True
-        good, bad, prepared = await _decode_batch(msgs, kind)
+        good, bad, prepared = await decode_batch(msgs, kind)
         for m, err in bad:
             # An unstorable message's cause is an unexpected exception: log its traceback.
             log.warning("rejected %s message on %s: %s", kind, m.subject, err, exc_info=err.__cause__)
@@ -315,7 +252,7 @@ class JetStreamIngest:
                 self._tel_messages += len(good)
                 self._tel_rows += len(prepared.telemetry.rows)
             pipe.unacked[id(good)] = good
-            if not await self._put(pipe, _Batch(good, prepared)):
+            if not await self._put(pipe, DecodedBatch(good, prepared)):
                 return False
         self._board.set_problem(f"{kind} ingest", None)
         return True
@@ -364,7 +301,7 @@ class JetStreamIngest:
                 del pipe.write_started[id(batch)]
             pipe.unacked.pop(id(batch.msgs), None)
 
-    async def _write_with_retry(self, pipe: _Pipe, batch: _Batch) -> bool:
+    async def _write_with_retry(self, pipe: _Pipe, batch: DecodedBatch) -> bool:
         kind = pipe.spec.kind
         msgs = batch.msgs
         delay = 0.1
@@ -416,7 +353,7 @@ class JetStreamIngest:
             duplicates=s.duplicates + res.telemetry_duplicates + res.event_duplicates,
         )
 
-    async def _write_individually(self, pipe: _Pipe, batch: _Batch) -> bool:
+    async def _write_individually(self, pipe: _Pipe, batch: DecodedBatch) -> bool:
         """Store a batch that failed as a whole message by message: what fails
         on its own is rejected (counted, terminated, logged), the rest stored.
 
@@ -430,7 +367,7 @@ class JetStreamIngest:
         held_since = time.monotonic()
         for n, m in enumerate(msgs):
             pipe.write_started[id(batch)] = time.monotonic()
-            _, bad, one = await _decode_batch([m], kind)  # decoded and built fine once already
+            _, bad, one = await decode_batch([m], kind)  # decoded and built fine once already
             if bad:
                 err = bad[0][1]
                 await self._reject(pipe, m, err.reason, str(err), err.__cause__)
@@ -563,7 +500,7 @@ class JetStreamIngest:
         """GPU samples per telemetry message seen so far (1 until one is seen)."""
         return self._tel_rows / self._tel_messages if self._tel_messages else 1.0
 
-    async def _put(self, pipe: _Pipe, item: _Batch) -> bool:
+    async def _put(self, pipe: _Pipe, item: DecodedBatch) -> bool:
         """Hand a batch to the writer; False when stopping first (the batch is
         then never acked and comes back to the next run)."""
         return await self._unless_stopped(pipe.queue.put(item)) is not None

@@ -9,8 +9,8 @@ write idempotent, so the ingest acks JetStream messages only after commit and
 lets redelivery handle every failure in between: each sample is stored
 exactly once.
 
-Pure SQL text and row building live in :mod:`store_sql` (unit-tested without
-a database); this module runs them.
+Pure SQL text lives in :mod:`store_sql` and row building in :mod:`store_rows`
+(both unit-tested without a database); this module runs them.
 """
 
 from __future__ import annotations
@@ -26,6 +26,12 @@ from psycopg import AsyncConnection, AsyncCursor
 from psycopg.adapt import PyFormat
 from psycopg_pool import AsyncConnectionPool
 
+from aether_desktop.services.store_rows import (
+    InventoryCache,
+    PreparedBatch,
+    TelemetryBatch,
+    prepare_batch,
+)
 from aether_desktop.services.store_sql import (
     COPY_STAGE_EVENTS,
     COPY_STAGE_TELEMETRY,
@@ -39,12 +45,8 @@ from aether_desktop.services.store_sql import (
     UPSERT_GPUS_SQL,
     UPSERT_HOSTS_SQL,
     Column,
-    InventoryCache,
-    PreparedBatch,
-    TelemetryBatch,
     copy_types,
     literal_params,
-    prepare_batch,
 )
 from aether_protocol.messages import Event, Telemetry
 
@@ -354,7 +356,7 @@ class Store:
         return await self.write_prepared(prepare_batch(telemetry, events), timeout=timeout)
 
     async def write_prepared(self, batch: PreparedBatch, *, timeout: float = 5.0, hooks: bool = True) -> WriteResult:
-        """:meth:`write_batch` for a batch built beforehand by :func:`store_sql.prepare_batch`.
+        """:meth:`write_batch` for a batch built beforehand by :func:`store_rows.prepare_batch`.
 
         ``hooks=False`` stores new events without running the event hooks: the
         last resort for an event a hook keeps failing on (kept, not lost)."""

@@ -133,7 +133,7 @@ async def test_values_storage_cannot_hold_are_rejected_and_the_rest_stored(
 async def test_an_unexpected_error_in_the_fetch_loop_is_reported_and_survived(
     nc: NatsClient, store: Store, pg_dsn: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = ingest_mod._decode_batch
+    real = ingest_mod.decode_batch
     raised: list[int] = []
 
     async def buggy(msgs: Any, kind: str, *a: Any) -> Any:
@@ -142,7 +142,7 @@ async def test_an_unexpected_error_in_the_fetch_loop_is_reported_and_survived(
             raise RuntimeError("decoder bug")
         return await real(msgs, kind, *a)
 
-    monkeypatch.setattr(ingest_mod, "_decode_batch", buggy)
+    monkeypatch.setattr(ingest_mod, "decode_batch", buggy)
     statuses: list[IngestStatus] = []
     # ack_wait 2 s: the batch the bug dropped comes back that soon.
     ingest = make_ingest(nc, store, ack_wait_s=2.0, on_status=statuses.append)

@@ -18,7 +18,8 @@ import numpy as np
 import psycopg
 import pytest
 
-from aether_desktop.services.history import History, fetch_sql, rollup_buckets_sql
+from aether_desktop.services.history import History
+from aether_desktop.services.history_sql import fetch_sql, rollup_buckets_sql
 from aether_desktop.services.store import (
     MIGRATIONS_DIR,
     Store,
@@ -491,7 +492,9 @@ async def test_rollups_wait_until_a_minute_is_quiet(store: Store, pg_dsn: str) -
 
 
 async def test_array_literals_round_trip_through_postgresql(pg_dsn: str) -> None:
-    from aether_desktop.services.store_sql import array_literal
+    from aether_desktop.services.store_sql import (
+    array_literal,
+)
 
     texts = ["plain", 'q"uote', "back\\slash", "{brace,comma}", " spaced ", "NULL", "", "ünï €", None]
     floats = [0.1, 1e-300, 123456789.125, -2.5, None]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from aether_desktop.services.history import break_gaps, envelope
+from aether_desktop.services.history_sql import break_gaps, envelope
 
 NAN = float("nan")
 

@@ -11,7 +11,7 @@ import numpy as np
 import psycopg
 import pytest
 
-from aether_desktop.services import history, store, store_sql
+from aether_desktop.services import history_sql, store, store_rows, store_sql
 from aether_desktop.services.ingest import RejectCounter, stream_specs
 from aether_protocol.messages import Event, GpuSample, Process, Telemetry, encode
 
@@ -90,14 +90,14 @@ def test_encode_ts_matches_postgres_to_timestamp() -> None:
     # to_timestamp(float8) = rint((s - 946684800) * 1e6) microseconds since 2000.
     for s in (946_684_800.0, 1_764_000_000.0, 1_764_000_000.1234565, 1_764_000_000.0000005, 0.5):
         want = int(np.rint((s - 946_684_800.0) * 1e6))
-        assert store_sql.encode_ts(s) == struct.pack(">q", want)
+        assert store_rows.encode_ts(s) == struct.pack(">q", want)
 
 
 def test_array_encoding_is_postgres_binary_format() -> None:
-    assert store_sql.encode_text_array([]) == struct.pack(">iii", 0, 0, 25)
-    enc = store_sql.encode_text_array(["ab", None])
+    assert store_rows.encode_text_array([]) == struct.pack(">iii", 0, 0, 25)
+    enc = store_rows.encode_text_array(["ab", None])
     assert enc == struct.pack(">iiiii", 1, 1, 25, 2, 1) + struct.pack(">i", 2) + b"ab" + b"\xff\xff\xff\xff"
-    pids, names, mems = store_sql.encode_processes(
+    pids, names, mems = store_rows.encode_processes(
         [Process(pid=9, mem_used_mib=1.5), Process(pid=3, name="x")]
     )
     assert pids == struct.pack(">iiiii", 1, 0, 20, 2, 1) + struct.pack(">iqiq", 8, 3, 8, 9)  # ordered by pid
@@ -106,12 +106,12 @@ def test_array_encoding_is_postgres_binary_format() -> None:
 
 
 def test_build_telemetry_batch_rows_inventory_and_dirty_buckets() -> None:
-    b = store_sql.build_telemetry_batch([tel(1, 125.0), tel(0, 61.0), tel(2, 130.0, boot="c")])
+    b = store_rows.build_telemetry_batch([tel(1, 125.0), tel(0, 61.0), tel(2, 130.0, boot="c")])
     assert len(b.rows) == 6 and len(b.rows[0]) == len(store_sql.TELEMETRY_COLUMNS)
-    assert b.rows[0][:8] == ("h1", 0, "U0-1", store_sql.encode_ts(125.0), "b", 1, "active", "ok")
-    assert b.rows[0][19] == store_sql.encode_text_array(["a", "b"]) and b.rows[1][19] is None
+    assert b.rows[0][:8] == ("h1", 0, "U0-1", store_rows.encode_ts(125.0), "b", 1, "active", "ok")
+    assert b.rows[0][19] == store_rows.encode_text_array(["a", "b"]) and b.rows[1][19] is None
     assert b.rows[0][-3:] == (None, None, None)  # processes not reported
-    assert b.rows[1][-3:] == store_sql.encode_processes([Process(pid=7, name="py")])
+    assert b.rows[1][-3:] == store_rows.encode_processes([Process(pid=7, name="py")])
     assert b.processes == 3
     assert b.hosts == {"h1": [61.0, 130.0, "c"]}
     assert b.gpus[("h1", 0)] == ["U0-2", "N2", 81.0, 61.0, 130.0]  # latest name/uuid, last known memory
@@ -119,13 +119,13 @@ def test_build_telemetry_batch_rows_inventory_and_dirty_buckets() -> None:
     hosts, first, last, boots = b.host_params()
     assert (hosts, first, last, boots) == (["h1"], [61.0], [130.0], ["c"])
     assert b.dirty_params() == (["h1", "h1"], [60.0, 120.0])
-    assert store_sql.build_telemetry_batch([]).rows == []
+    assert store_rows.build_telemetry_batch([]).rows == []
 
 
 def test_batch_built_in_slices_equals_one_pass() -> None:
     msgs = [tel(1, 125.0), tel(0, 61.0), tel(2, 130.0, boot="c"), tel(3, 200.0, host="h2")]
-    whole = store_sql.build_telemetry_batch(msgs)
-    sliced = store_sql.build_telemetry_batch(msgs[2:], store_sql.build_telemetry_batch(msgs[:2]))
+    whole = store_rows.build_telemetry_batch(msgs)
+    sliced = store_rows.build_telemetry_batch(msgs[2:], store_rows.build_telemetry_batch(msgs[:2]))
     assert sliced.rows == whole.rows and sliced.processes == whole.processes == 4
     assert (sliced.hosts, sliced.gpus, sliced.dirty) == (whole.hosts, whole.gpus, whole.dirty)
     assert sliced.gpu_params() == whole.gpu_params() and sliced.dirty_params() == whole.dirty_params()
@@ -133,14 +133,14 @@ def test_batch_built_in_slices_equals_one_pass() -> None:
 
 def test_decode_into_builds_rows_and_reports_rejects() -> None:
     good = encode(tel(1, 125.0))
-    out = store_sql.TelemetryBatch()
-    bad = store_sql.decode_into([b"not json", good, b'{"v": 2}'], out)
+    out = store_rows.TelemetryBatch()
+    bad = store_rows.decode_into([b"not json", good, b'{"v": 2}'], out)
     assert [(i, e.reason) for i, e in bad] == [(0, "invalid_json"), (2, "missing_field")]
-    assert out.rows == store_sql.build_telemetry_batch([tel(1, 125.0)]).rows
+    assert out.rows == store_rows.build_telemetry_batch([tel(1, 125.0)]).rows
     events: list[Event] = []
     e = Event(v=1, host="h", ts=1.0, id="a", kind="wake")
-    assert store_sql.decode_into([encode(e)], events) == [] and events == [e]
-    prepared = store_sql.prepare_batch([tel(1, 125.0)], [e, e])
+    assert store_rows.decode_into([encode(e)], events) == [] and events == [e]
+    prepared = store_rows.prepare_batch([tel(1, 125.0)], [e, e])
     assert prepared.events == [e] and len(prepared.event_rows) == 1 and len(prepared.telemetry.rows) == 2
 
 
@@ -157,39 +157,39 @@ def test_a_message_whose_rows_cannot_be_built_leaves_no_trace() -> None:
     far = msgspec.structs.replace(tel(4, 150.0, host="h9"), ts=1e300)  # built directly: never validated
     msgs = [tel(1, 125.0), _unstorable_tel(5, 140.0), far, tel(2, 130.0, boot="c")]
     failed: list[tuple[int, Exception]] = []
-    b = store_sql.build_telemetry_batch(msgs, failed=failed)
+    b = store_rows.build_telemetry_batch(msgs, failed=failed)
     assert [(k, type(e)) for k, e in failed] == [(1, OverflowError), (2, struct.error)]
-    want = store_sql.build_telemetry_batch([msgs[0], msgs[3]])
+    want = store_rows.build_telemetry_batch([msgs[0], msgs[3]])
     assert b.rows == want.rows and b.processes == want.processes == 2
     assert (b.hosts, b.gpus, b.dirty) == (want.hosts, want.gpus, want.dirty)  # no bookkeeping of its own either
     with pytest.raises(OverflowError):  # no list to report to: the caller sees the exception
-        store_sql.build_telemetry_batch(msgs)
+        store_rows.build_telemetry_batch(msgs)
 
 
 def test_decode_into_rejects_an_unstorable_message_and_keeps_the_rest() -> None:
-    out = store_sql.TelemetryBatch()
+    out = store_rows.TelemetryBatch()
     payloads = [b"not json", encode(tel(1, 125.0)), encode(_unstorable_tel(5, 140.0)), encode(tel(2, 130.0))]
-    bad = store_sql.decode_into(payloads, out)
+    bad = store_rows.decode_into(payloads, out)
     assert [(i, e.reason) for i, e in bad] == [(0, "invalid_json"), (2, "unstorable")]
     assert isinstance(bad[1][1].__cause__, OverflowError)  # logged with its traceback
-    assert out.rows == store_sql.build_telemetry_batch([tel(1, 125.0), tel(2, 130.0)]).rows
+    assert out.rows == store_rows.build_telemetry_batch([tel(1, 125.0), tel(2, 130.0)]).rows
 
 
 def test_prepare_events_leaves_out_an_event_it_cannot_row() -> None:
     e1 = Event(v=1, host="h", ts=1.0, id="a", kind="wake")
     broken = Event(v=1, host="h", ts=2.0, id="b", kind="sleep", detail=object())  # type: ignore[arg-type]
     failed: list[tuple[int, Exception]] = []
-    prepared = store_sql.prepare_events([e1, broken, e1], failed)
+    prepared = store_rows.prepare_events([e1, broken, e1], failed)
     assert [(k, type(e)) for k, e in failed] == [(1, TypeError)]
     assert prepared.events == [e1] and len(prepared.event_rows) == 1
-    assert store_sql.prepare_events([e1], failed).events == [e1] and len(failed) == 1
+    assert store_rows.prepare_events([e1], failed).events == [e1] and len(failed) == 1
 
 
 def test_events_deduped_and_rowed() -> None:
     e1 = Event(v=1, host="h", ts=1.0, id="a", kind="wake")
     e2 = Event(v=1, host="h", ts=2.0, id="b", kind="sleep", gpus=[0, 1])
-    assert store_sql.dedupe_events([e1, e2, e1]) == [e1, e2]
-    row = store_sql.build_event_rows([e2])[0]
+    assert store_rows.dedupe_events([e1, e2, e1]) == [e1, e2]
+    row = store_rows.build_event_rows([e2])[0]
     assert row[:8] == ("b", "h", 2.0, "sleep", None, [0, 1], None, None)
     assert '"kind":"sleep"' in str(row[8])
 
@@ -198,38 +198,38 @@ def test_rollup_columns_match_the_migration() -> None:
     sql = (store.MIGRATIONS_DIR / "005_rollups.sql").read_text()
     body = sql[sql.index("CREATE TABLE telemetry_1m") : sql.index("PRIMARY KEY")]
     declared = re.findall(r"^\s{4}([a-z_0-9]+)\s", body, re.M)
-    assert sorted(declared[3:]) == sorted(c for c, _ in history.rollup_aggregates())
-    up = history.rollup_buckets_sql()
+    assert sorted(declared[3:]) == sorted(c for c, _ in history_sql.rollup_aggregates())
+    up = history_sql.rollup_buckets_sql()
     assert "ON CONFLICT (host, gpu_index, bucket) DO UPDATE SET n = EXCLUDED.n" in up
     assert "unnest(%s::text[], %s::timestamptz[]) AS d(host, bucket) JOIN gpus g" in up
     assert "CROSS JOIN LATERAL (SELECT count(*) AS n, " in up and "WHERE a.n > 0" in up
-    assert "date_bin('1 minute', t.ts, timestamptz 'epoch')" in history.rollup_range_sql()
+    assert "date_bin('1 minute', t.ts, timestamptz 'epoch')" in history_sql.rollup_range_sql()
 
 
 def test_fetch_sql_uses_whitelisted_metrics_only() -> None:
-    raw = history.fetch_sql(["temp_c", "power_w"], rollup=False)
+    raw = history_sql.fetch_sql(["temp_c", "power_w"], rollup=False)
     # Each bucket's min and max per metric (spikes survive decimation).
     assert "min(t.temp_c_lo)::float8, max(t.temp_c_hi)::float8" in raw
     assert "FROM unnest(%s::text[], %s::int4[])" in raw and raw.count("%s") == 6
     assert "CROSS JOIN LATERAL (SELECT date_part('epoch', ts) AS e, 1 AS w, temp_c AS temp_c_lo" in raw
     assert "OFFSET 0) t" in raw  # not merged into a join: an index range scan per GPU
-    roll = history.fetch_sql(["util_pct", "fan_pct"], rollup=True)
+    roll = history_sql.fetch_sql(["util_pct", "fan_pct"], rollup=True)
     # The rollups' min/max where kept (the average otherwise), then the newest minutes from raw rows.
     assert "util_pct_min AS util_pct_lo, util_pct_max AS util_pct_hi" in roll
     assert "fan_pct_avg AS fan_pct_lo, fan_pct_avg AS fan_pct_hi" in roll
     assert "FROM telemetry_1m WHERE" in roll and " UNION ALL SELECT " in roll and roll.count("%s") == 8
     with pytest.raises(ValueError, match="unknown metric"):
-        history.fetch_sql(["temp_c", "1; DROP TABLE x"], rollup=False)
-    assert history.check_metrics(["temp_c", "temp_c"]) == ["temp_c"]
+        history_sql.fetch_sql(["temp_c", "1; DROP TABLE x"], rollup=False)
+    assert history_sql.check_metrics(["temp_c", "temp_c"]) == ["temp_c"]
 
 
 def test_export_and_retention_sql() -> None:
-    assert history.export_sql(True).count("%s") == 2
-    some = history.export_sql(False)
+    assert history_sql.export_sql(True).count("%s") == 2
+    some = history_sql.export_sql(False)
     assert some.count("%s") == 4 and "FORMAT csv, HEADER true" in some
-    sql = history.retention_delete_sql("telemetry", "ts")
+    sql = history_sql.retention_delete_sql("telemetry", "ts")
     assert sql.startswith("DELETE FROM telemetry WHERE ctid = ANY(ARRAY(SELECT ctid FROM telemetry")
-    tables = {t for t, _, _ in history.RETENTION_TABLES}
+    tables = {t for t, _, _ in history_sql.RETENTION_TABLES}
     assert tables >= {"telemetry", "telemetry_1m", "events"} and "gpu_processes" not in tables  # a view
 
 
@@ -251,12 +251,12 @@ def test_reject_counter() -> None:
 
 
 def test_inventory_cache_sends_only_rows_that_change_something() -> None:
-    def batch(ts: float, *, boot: str = "b", uuid: str = "U") -> store_sql.TelemetryBatch:
+    def batch(ts: float, *, boot: str = "b", uuid: str = "U") -> store_rows.TelemetryBatch:
         m = tel(0, ts, boot=boot)
         gpus = [msgspec.structs.replace(g, uuid=f"{uuid}{g.index}", name="N", mem_total_mib=80.0) for g in m.gpus]
-        return store_sql.build_telemetry_batch([msgspec.structs.replace(m, gpus=gpus)])
+        return store_rows.build_telemetry_batch([msgspec.structs.replace(m, gpus=gpus)])
 
-    cache = store_sql.InventoryCache(refresh_s=10.0)
+    cache = store_rows.InventoryCache(refresh_s=10.0)
     first = batch(100.0)
     assert cache.hosts_to_send(first) == ["h1"] and cache.gpus_to_send(first) == [("h1", 0), ("h1", 1)]
     cache.committed(first, ["h1"], [("h1", 0), ("h1", 1)])
