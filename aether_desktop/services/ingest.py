@@ -67,9 +67,9 @@ log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 
-# Tries of a batch (and then of one message) that fails with something other
-# than a database error, e.g. an event hook's bug: it may be transient, but
-# retried forever it would hold up its stream for good.
+# Tries of a batch that fails with something other than a database error (e.g.
+# an event hook's bug) before it is written one message at a time, and of an
+# event before it is stored without its hooks.
 STORE_ATTEMPTS = 3
 
 # A stream or consumer that refuses pulls (deleted, e.g.) is recreated at most this often.
@@ -354,13 +354,16 @@ class JetStreamIngest:
         )
 
     async def _write_individually(self, pipe: _Pipe, batch: DecodedBatch) -> bool:
-        """Store a batch that failed as a whole message by message: what fails
-        on its own is rejected (counted, terminated, logged), the rest stored.
+        """Store a batch that failed as a whole message by message: what the
+        protocol or PostgreSQL refuses on its own is rejected (counted,
+        terminated, logged), the rest stored. An event an event hook keeps
+        failing on is stored without its hooks.
 
-        While the database is unavailable a message is retried as long as it
-        takes, as whole batches are; the messages still held are kept from
-        being redelivered meanwhile, and the stall check times each message,
-        not the whole batch.
+        Anything else (the database unavailable, a station bug on the write
+        path) is retried as long as it takes, as whole batches are: nothing an
+        agent sent is dropped for the station's sake. The messages still held
+        are kept from being redelivered meanwhile, and the stall check times
+        each message, not the whole batch.
         """
         kind = pipe.spec.kind
         msgs = batch.msgs
@@ -390,17 +393,23 @@ class JetStreamIngest:
                     continue
                 except Exception as exc:  # noqa: BLE001 - e.g. a failing event hook
                     failures += 1
-                    if failures < self._store_attempts:
-                        log.warning("storing a %s message failed (try %d of %d)", kind, failures,
-                                    self._store_attempts, exc_info=exc)
-                        if self._stop.is_set():
-                            return False
-                        await self._sleep(delay)
-                        delay = min(delay * 2, self._max_backoff_s)
-                        continue
-                    if one.events and await self._store_without_hooks(pipe, m, one, exc):
+                    if failures == self._store_attempts and one.events and await self._store_without_hooks(
+                        pipe, m, one, exc
+                    ):
                         break
-                    await self._reject(pipe, m, "store_failed", f"storing it failed {failures} times", exc)
+                    # Not the database and not this message's data (both handled above):
+                    # a station bug on the write path. Dropping would lose what agents
+                    # sent; the message waits in JetStream (24 h) for a fixed station,
+                    # and the status bar says why nothing is stored meanwhile.
+                    if failures <= self._store_attempts:
+                        log.warning("storing a %s message failed (try %d)", kind, failures, exc_info=exc)
+                    self._board.set_problem(f"{kind} store", f"storing {kind}: {exc!r}")
+                    if self._stop.is_set():
+                        return False
+                    held_since = await self._hold(msgs[n:], held_since)
+                    await self._sleep(delay)
+                    delay = min(delay * 2, self._max_backoff_s)
+                    continue
                 else:
                     await self._ack([m])
                 break
@@ -413,7 +422,7 @@ class JetStreamIngest:
         bug in a hook must not cost the fleet's event log. True when stored and acked."""
         try:
             await asyncio.wait_for(self._write(one, hooks=False), self._write_timeout_s)
-        except Exception:  # noqa: BLE001 - not even the plain insert works: the caller rejects it
+        except Exception:  # noqa: BLE001 - not even the plain insert works: the caller keeps retrying
             return False
         log.error("an event hook failed %d times on %s; the event is stored without its hooks",
                   self._store_attempts, m.subject, exc_info=exc)

@@ -39,8 +39,7 @@ class IngestStatus:
 
 class RejectCounter:
     """Rejected messages per reason: ProtocolError.reason (``unstorable``: its rows
-    could not be built), ``db_refused`` (PostgreSQL refused it) or ``store_failed``
-    (storing it failed otherwise, e.g. in an event hook, also when retried)."""
+    could not be built) or ``db_refused`` (PostgreSQL refused it)."""
 
     def __init__(self) -> None:
         self._counts: Counter[str] = Counter()

@@ -217,6 +217,37 @@ async def test_a_hook_failing_once_loses_nothing(nc: NatsClient, store: Store, p
         await ingest.stop()
 
 
+async def test_a_station_bug_on_the_write_path_holds_telemetry_never_drops_it(
+    nc: NatsClient, store: Store, pg_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A non-database failure that hits every write (a station bug) is not the
+    messages' fault: they wait in JetStream, the status says why, and once the
+    station works again every sample is stored, none rejected."""
+    failures: list[str] = []
+    real = Store._write_txn
+
+    async def broken(self: Store, *a: Any, **kw: Any) -> Any:
+        if len(failures) < 12:  # past the batch's and every per-message try count
+            failures.append("x")
+            raise RuntimeError("station bug")
+        return await real(self, *a, **kw)
+
+    monkeypatch.setattr(Store, "_write_txn", broken)
+    seen: list[str] = []
+    ingest = make_ingest(nc, store, max_backoff_s=0.05, batch=10,
+                         on_status=lambda st: seen.append(st.last_error or ""))
+    await ingest.start()
+    try:
+        msgs = [telemetry_msg("sb", "b", s) for s in range(5)]
+        await publish(nc, msgs)
+        await assert_exactly_once(pg_dsn, msgs)
+        assert len(failures) == 12 and ingest.rejects.total == 0
+        assert any("station bug" in e for e in seen)  # the status bar said why nothing was stored
+        await wait_for(lambda: ingest.status.last_error is None, "the problem cleared")
+    finally:
+        await ingest.stop()
+
+
 # --------------------------------------------------------------------------- (3) stream deleted
 
 
