@@ -42,8 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-cmd", action="append", default=[], metavar="CMD",
                    help="a command (argv[0] name or exact path) jobs may run; repeatable; empty = none")
     p.add_argument("--allow-env", action="append", default=[], metavar="NAME",
-                   help="an environment variable jobs may set; repeatable; once given, jobs may set only "
-                   "these (default: any but loader/interpreter hooks such as LD_*, PYTHONPATH, BASH_ENV)")
+                   help="a loader/interpreter hook jobs may set after all (e.g. PYTHONPATH); repeatable "
+                   "(by default jobs may set any variable but such hooks: LD_*, PYTHONPATH, BASH_ENV, ...)")
     p.add_argument("--jobs-mode", choices=("auto", "process", "simulate"), default="auto",
                    help="auto: simulated jobs on a simulated backend, real processes on NVML")
     p.add_argument("--job-log-dir", type=Path, help="where job logs go (default: the user data folder)")

@@ -15,9 +15,9 @@ may set any variable except
   Ruby, Node, Java, Lua, R, Tcl, OpenSSL and git hooks, CUDA/NVTX injection
   libraries, NCCL plugins, and the helpers tools start (``EDITOR``, ``PAGER``).
 
-An operator can name the variables jobs may set (``--allow-env NAME``,
-repeatable): then only those pass, and a hook the operator names explicitly is
-allowed (their decision, warned about at start); the agent's own stay refused.
+An operator can allow one of those hooks by name (``--allow-env PYTHONPATH``,
+repeatable) on top of the default rules: their decision, warned about at start.
+The agent's own variables stay refused whatever the operator says.
 """
 
 from __future__ import annotations
@@ -61,6 +61,10 @@ HOOK_ENV = frozenset({
     "NCCL_NET_PLUGIN", "NCCL_TUNER_PLUGIN", "NCCL_PROFILER_PLUGIN",
     # GLib/GTK/GStreamer/Qt modules.
     "GIO_EXTRA_MODULES", "GIO_MODULE_DIR", "GTK_MODULES", "GTK_PATH", "GST_PLUGIN_PATH", "QT_PLUGIN_PATH",
+    # GPU and HPC runtimes' loadable drivers and plugins (OpenCL, Vulkan, EGL, Open MPI, UCX, hwloc).
+    "OCL_ICD_VENDORS", "OCL_ICD_FILENAMES", "VK_ICD_FILENAMES", "VK_DRIVER_FILES", "VK_ADD_DRIVER_FILES",
+    "VK_LAYER_PATH", "VK_ADD_LAYER_PATH", "VK_INSTANCE_LAYERS", "__EGL_VENDOR_LIBRARY_FILENAMES",
+    "__EGL_VENDOR_LIBRARY_DIRS", "OMPI_MCA_mca_base_component_path", "UCX_MODULE_DIR", "HWLOC_PLUGINS_PATH",
     # Helper programs tools start.
     "EDITOR", "VISUAL", "PAGER", "MANPAGER", "BROWSER", "LESSOPEN", "LESSCLOSE", "SSH_ASKPASS",
 })
@@ -85,15 +89,13 @@ def is_hook_env(name: str) -> bool:
 
 
 def env_refusal(name: str, allowed_env: tuple[str, ...]) -> str | None:
-    """Why a job may not set ``name`` under the operator's allowlist (empty: the default rules), or None."""
+    """Why a job may not set ``name`` (default rules, plus the hooks an operator allowed), or None."""
     if not ENV_NAME.match(name):
         return f"invalid environment variable name {name!r}"
     if is_agent_env(name):
         return f"a job may not set {name}: the agent sets it"
-    if allowed_env:
-        if name in allowed_env:
-            return None
-        return f"a job may not set {name}: it is not in the agent's allowed environment variables (--allow-env)"
+    if name in allowed_env:
+        return None
     if is_hook_env(name):
         return (f"a job may not set {name}: it makes programs load code or start-up files "
                 "(an operator can allow it with --allow-env)")

@@ -42,8 +42,8 @@ _JOB_ID = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 class JobPolicy:
     allow_jobs: bool = False
     allowed_commands: tuple[str, ...] = ()
-    # Environment variables jobs may set (--allow-env); empty: any but the agent's own and the
-    # loader/interpreter hooks listed in job_env.
+    # Loader/interpreter hooks jobs may set after all (--allow-env); other variables follow
+    # job_env's default rules, the agent's own are always refused.
     allowed_env: tuple[str, ...] = ()
     log_dir: Path = Path("/tmp/aether-jobs")
     cancel_grace_s: float = 10.0

@@ -50,9 +50,9 @@ def _nkeys() -> Any:
         ) from exc
 
 
-def _read(path: Path, flag: str) -> str:
+def _read(path: Path, flag: str, *, raw_newlines: bool = False) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_bytes().decode("utf-8") if raw_newlines else path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise NatsConfigError(f"{flag} {str(path)!r}: cannot read it: {reason}") from exc
@@ -74,19 +74,31 @@ def _check_user_seed(nkeys: Any, seed: str, path: Path, flag: str) -> None:
 
 
 def _check_creds(nkeys: Any, path: Path) -> None:
-    lines = _read(path, "--nats-creds").splitlines()
-    jwt = _line_after(lines, _JWT_MARK)
+    # Newlines as they are in the file (no universal newlines, no splitlines()):
+    # a '\r' must stay visible to _line_after, as nats-py sees it.
+    lines = _read(path, "--nats-creds", raw_newlines=True).split("\n")
+    try:
+        jwt = _line_after(lines, _JWT_MARK)
+        seed = _line_after(lines, _SEED_MARK)
+    except NatsConfigError as exc:
+        raise NatsConfigError(f"--nats-creds {str(path)!r}: {exc}") from None
     if not jwt:
         raise NatsConfigError(f"--nats-creds {str(path)!r} has no user JWT (a '-----{_JWT_MARK}-----' block)")
-    seed = _line_after(lines, _SEED_MARK)
     if not seed:
         raise NatsConfigError(f"--nats-creds {str(path)!r} has no user seed (a '-----{_SEED_MARK}-----' block)")
     _check_user_seed(nkeys, seed, path, "--nats-creds")
 
 
 def _line_after(lines: list[str], mark: str) -> str:
-    """The line after the one holding ``mark``, as nats-py reads a creds file."""
+    """The line after the one holding ``mark``, without surrounding blanks."""
     for i, line in enumerate(lines):
         if mark in line:
+            if i + 1 < len(lines) and lines[i + 1] != lines[i + 1].strip():
+                # nats-py reads that line byte for byte up to the newline: a '\r'
+                # (Windows line endings) or blanks around it make every connect fail.
+                raise NatsConfigError(
+                    f"the line after '{mark}' has blanks or Windows line endings around it, which nats-py "
+                    "cannot read; remove them (e.g. dos2unix)"
+                )
             return lines[i + 1].strip() if i + 1 < len(lines) else ""
     return ""

@@ -55,12 +55,14 @@ def test_ordinary_variables_pass_by_default(name: str) -> None:
     check_job(job({name: "1"}), POLICY, 1)
 
 
-def test_an_operator_allowlist_is_exact_and_may_open_a_hook_but_never_the_agents_own() -> None:
+def test_an_operator_may_open_a_hook_on_top_of_the_defaults_but_never_the_agents_own() -> None:
     policy = JobPolicy(allow_jobs=True, allowed_commands=("/bin/true",),
-                       allowed_env=("EPOCHS", "LD_LIBRARY_PATH"))
-    check_job(job({"EPOCHS": "3", "LD_LIBRARY_PATH": "/opt/cuda/lib64"}), policy, 1)
-    with pytest.raises(BackendError, match=r"may not set BATCH: .*--allow-env"):
-        check_job(job({"BATCH": "8"}), policy, 1)
+                       allowed_env=("PYTHONPATH", "LD_LIBRARY_PATH"))
+    # The hooks allowed, and ordinary variables still pass without being listed.
+    check_job(job({"PYTHONPATH": "/opt/src", "LD_LIBRARY_PATH": "/opt/cuda/lib64", "OMP_NUM_THREADS": "8"}),
+              policy, 1)
+    with pytest.raises(BackendError, match=r"may not set VK_ICD_FILENAMES: .*--allow-env"):
+        check_job(job({"VK_ICD_FILENAMES": "/tmp/x.json"}), policy, 1)
     with pytest.raises(BackendError, match="may not set LD_AUDIT"):
         check_job(job({"LD_AUDIT": "x.so"}), policy, 1)
     assert env_refusal("CUDA_DEVICE_ORDER", ("CUDA_DEVICE_ORDER",)) is not None
@@ -154,6 +156,17 @@ def test_a_creds_file_without_jwt_is_a_clear_error(tmp_path: Path) -> None:
     # nats-py would loop for ever looking for the JWT in this file.
     creds.write_text(f"-----BEGIN USER NKEY SEED-----\n{user_seed().decode()}\n------END USER NKEY SEED------\n")
     with pytest.raises(NatsConfigError, match="has no user JWT"):
+        check_nats_settings(NatsSettings(creds_file=creds))
+
+
+@pytest.mark.parametrize("newline, indent", [("\r\n", ""), ("\n", "  ")])
+def test_a_creds_file_nats_py_cannot_read_is_a_clear_error(tmp_path: Path, newline: str, indent: str) -> None:
+    # nats-py reads the seed line byte for byte: a '\r' or blanks make every connect fail.
+    creds = tmp_path / "user.creds"
+    text = ("-----BEGIN NATS USER JWT-----\neyJ0eXAi.eyJqdGki.sig\n------END NATS USER JWT------\n\n"
+            f"-----BEGIN USER NKEY SEED-----\n{indent}{user_seed().decode()}\n------END USER NKEY SEED------\n")
+    creds.write_bytes(text.replace("\n", newline).encode())
+    with pytest.raises(NatsConfigError, match="Windows line endings"):
         check_nats_settings(NatsSettings(creds_file=creds))
 
 
