@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import uuid
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -73,6 +74,11 @@ class Alert:
     cleared_ts: float | None = None
     acked_ts: float | None = None
     snoozed_until: float | None = None
+    # Whether this snapshot is news worth a notification. False for alerts found in
+    # samples taken long before (an agent's outbox replayed after a reconnect) and for
+    # alerts raised and cleared within one tick: stored and listed, never popped up.
+    # Not stored: it describes this change, not the alert.
+    notify: bool = field(default=True, compare=False)
 
     @property
     def gpus(self) -> tuple[int, ...]:
@@ -117,6 +123,11 @@ class AlertPolicy:
     default: Hysteresis = Hysteresis(3, 5, 180.0)
     # An open alert re-announces its last_ts/count at most this often (persistence refresh).
     refresh_s: float = 30.0
+    # An alert whose triggering sample is older than this when it is detected is
+    # history, not news (a backlog replayed after an outage): stored and listed but
+    # not notified. Age is measured on the host's own clock (see ``_offset``), so
+    # a host whose clock is off by minutes is still notified.
+    stale_s: float = 300.0
 
     def for_detector(self, detector: str) -> Hysteresis:
         return self.per_detector.get(detector, self.default)
@@ -124,8 +135,7 @@ class AlertPolicy:
 
 @dataclass
 class _Tracker:
-    window: deque[tuple[float, bool]]
-    kinds: Counter[str] = field(default_factory=Counter)
+    window: deque[tuple[float, bool]]  # (sample ts, anomalous) for the last n samples of one GPU
 
 
 @dataclass
@@ -142,16 +152,21 @@ class AlertManager:
     def __init__(self, policy: AlertPolicy | None = None, id_factory: Callable[[], str] | None = None) -> None:
         self.policy = policy or AlertPolicy()
         self._new_id = id_factory or (lambda: str(uuid.uuid4()))
-        self._trackers: dict[tuple[str, int, str], _Tracker] = {}
+        self._trackers: dict[tuple[str, int], dict[str, _Tracker]] = {}  # (host, gpu) -> detector -> window
         self._open: dict[str, _Open] = {}
         self._by_group: dict[tuple[str, str], str] = {}  # (host, kind) -> open alert id
         self._by_gpu: dict[tuple[str, int, str], str] = {}  # (host, gpu, detector) -> open alert id
         self._last_seen: dict[tuple[str, int], float] = {}
+        # host -> smallest (station time - newest sample ts) seen per tick: its clock offset
+        # plus the least delivery delay. A sample's age is what exceeds that.
+        self._offset: dict[str, float] = {}
         # The tick may run in a worker thread while the operator acknowledges on the loop.
         self._lock = threading.RLock()
         self.on_alert_raised: Callbacks[Alert] = Callbacks()
         self.on_alert_updated: Callbacks[Alert] = Callbacks()
         self.on_alert_cleared: Callbacks[Alert] = Callbacks()
+        # Open alerts re-opened from storage (``restore``): shown, never notified again.
+        self.on_alerts_restored: Callbacks[list[Alert]] = Callbacks()
 
     # ------------------------------------------------------------------ queries
 
@@ -160,17 +175,18 @@ class AlertManager:
             return [o.alert for o in self._open.values()]
 
     def get(self, alert_id: str) -> Alert | None:
-        o = self._open.get(alert_id)
-        return o.alert if o else None
+        with self._lock:
+            o = self._open.get(alert_id)
+            return o.alert if o else None
 
     def health(self) -> Severity | None:
         """Worst severity among open alerts that still want attention (None = all quiet)."""
         worst: Severity | None = None
-        for o in self._open.values():
-            if o.alert.state != "active":
+        for a in self.open_alerts():  # a copy taken under the lock: the tick may run in a worker
+            if a.state != "active":
                 continue
-            if worst is None or SEVERITY_RANK[o.alert.severity] > SEVERITY_RANK[worst]:
-                worst = o.alert.severity
+            if worst is None or SEVERITY_RANK[a.severity] > SEVERITY_RANK[worst]:
+                worst = a.severity
         return worst
 
     # ------------------------------------------------------------------ operator actions
@@ -193,23 +209,55 @@ class AlertManager:
         self.on_alert_updated.emit(o.alert)
         return o.alert
 
-    def restore(self, alerts: Iterable[Alert], now: float) -> None:
-        """Re-open alerts loaded from storage so acks and snoozes survive a restart."""
-        for a in alerts:
-            if not a.is_open or a.id in self._open:
-                continue
-            hits = {g: a.last_ts for g in a.gpus}
-            self._open[a.id] = _Open(a, hits, set(), now)
-            self._by_group[(a.host, a.kind)] = a.id
+    def restore(self, alerts: Iterable[Alert], now: float) -> list[Alert]:
+        """Re-open alerts loaded from storage so acks and snoozes survive a restart.
+
+        Listeners hear of them through ``on_alerts_restored`` (not "raised": they
+        are neither new nor to be stored again), so the panel lists them, the
+        health colour counts them and the tray does not notify them twice.
+        """
+        restored: list[Alert] = []
+        with self._lock:
+            for a in alerts:
+                if not a.is_open or a.id in self._open:
+                    continue
+                hits = {g: a.last_ts for g in a.gpus}
+                self._open[a.id] = _Open(a, hits, set(), now)
+                # An alert raised before the database opened keeps its group: two
+                # open alerts of one kind beat a live one losing its findings.
+                group = self._by_group.get((a.host, a.kind))
+                if group is None or group not in self._open:
+                    self._by_group[(a.host, a.kind)] = a.id
+                restored.append(a)
+        if restored:
+            self.on_alerts_restored.emit(restored)
+        return restored
+
+    def rebase_host(self, host: str, ts: float) -> None:
+        """The host's clock went back (a new boot, or a step): count its quiet periods from ``ts``.
+
+        Without this an open alert of the host would wait for the new clock to
+        catch up with the old one before it could clear.
+        """
+        with self._lock:
+            for o in self._open.values():
+                if o.alert.host == host:
+                    for g, last in o.gpu_last_hit.items():
+                        o.gpu_last_hit[g] = min(last, ts)
+            for key in [k for k in self._last_seen if k[0] == host]:
+                self._last_seen[key] = min(self._last_seen[key], ts)
+            self._offset.pop(host, None)  # re-measured from the new clock
 
     # ------------------------------------------------------------------ the tick
 
-    def update(self, now: float, seen: Mapping[tuple[str, int], float], findings: Iterable[Finding],
-               emit: bool = True) -> list[AlertChange]:
-        """One tick: ``seen`` maps (host, gpu) -> newest sample ts processed; ``findings`` per sample.
+    def update(self, now: float, seen: Mapping[tuple[str, int], float | Sequence[float]],
+               findings: Iterable[Finding], emit: bool = True) -> list[AlertChange]:
+        """One tick: ``seen`` maps (host, gpu) -> the ts of every sample processed (or the newest one).
 
-        Findings must be in sample order per GPU. Every GPU in ``seen`` without a
-        finding for a tracked detector counts as one healthy sample for it.
+        Every sample is one verdict per tracked detector, in time order: anomalous
+        if it has a finding of that detector, healthy otherwise. So the k-of-n rule
+        gives the same answer whether samples arrive one per tick or as a backlog
+        replayed in one tick. Findings must be in sample order per GPU.
         With ``emit=False`` (a tick run in a worker thread) the caller passes the
         changes to ``emit`` on the event loop, so listeners never run off-loop.
         """
@@ -224,39 +272,63 @@ class AlertManager:
             {"raised": self.on_alert_raised, "updated": self.on_alert_updated,
              "cleared": self.on_alert_cleared}[ch.change].emit(ch.alert)
 
-    def _update(self, now: float, seen: Mapping[tuple[str, int], float], findings: Iterable[Finding]
-                ) -> list[AlertChange]:
-        changes: list[AlertChange] = []
-        hit_keys: set[tuple[str, int, str]] = set()
+    def _update(self, now: float, seen: Mapping[tuple[str, int], float | Sequence[float]],
+                findings: Iterable[Finding]) -> list[AlertChange]:
+        # Every sample of the tick, with its findings: (host, gpu, ts) -> findings.
+        samples: dict[tuple[str, int, float], list[Finding]] = {}
+        for (host, gpu), ts_list in seen.items():
+            for ts in (ts_list,) if isinstance(ts_list, int | float) else ts_list:
+                samples.setdefault((host, gpu, float(ts)), [])
         for f in findings:
-            key = (f.host, f.gpu, f.detector)
-            hit_keys.add(key)
-            tr = self._push(key, f.ts, True)
-            tr.kinds[f.kind] += 1
+            samples.setdefault((f.host, f.gpu, f.ts), []).append(f)
+        newest: dict[str, float] = {}
+        for host, _, ts in samples:
+            newest[host] = max(ts, newest.get(host, -math.inf))
+        for host, ts in newest.items():
+            self._offset[host] = min(now - ts, self._offset.get(host, math.inf))
+        changes: list[AlertChange] = []
+        for host, gpu, ts in sorted(samples, key=lambda s: s[2]):  # stable: per-GPU order is kept
+            changes.extend(self._sample(now, host, gpu, ts, samples[(host, gpu, ts)]))
+            if ts > self._last_seen.get((host, gpu), -math.inf):
+                self._last_seen[(host, gpu)] = ts
+        changes.extend(self._expire(now))
+        # Raised (or escalated) and cleared within this one tick: a replayed burst
+        # that is already over. Stored and listed, but nobody should be paged for it.
+        over = {ch.alert.id for ch in changes if ch.change == "cleared"}
+        return [replace(ch, alert=replace(ch.alert, notify=False)) if ch.alert.id in over and ch.alert.notify
+                else ch for ch in changes]
+
+    def _sample(self, now: float, host: str, gpu: int, ts: float, findings: list[Finding]) -> list[AlertChange]:
+        """One sample of one GPU: one verdict for every detector tracked on that GPU."""
+        changes: list[AlertChange] = []
+        trackers = self._trackers.setdefault((host, gpu), {})
+        hit: set[str] = set()
+        for f in findings:
+            key = (host, gpu, f.detector)
+            if f.detector not in hit:  # several findings of one detector in one sample are one verdict
+                hit.add(f.detector)
+                self._push(trackers, f.detector, ts, True)
+            tr = trackers[f.detector]
             # Hard to raise, easy to keep: once a GPU is in an open alert, any
             # further finding extends it even if k-of-n is not met right now.
             if self._triggered(key, tr) or self._by_gpu.get(key) in self._open:
-                first = next(ts for ts, bad in tr.window if bad)
+                first = next(t for t, bad in tr.window if bad)
                 changes.extend(self._apply(f, first, now))
-        for key in list(self._trackers):
-            if key in hit_keys:
-                continue
-            ts = seen.get((key[0], key[1]))
-            if ts is not None:
-                tr = self._push(key, ts, False)
-                if not any(bad for _, bad in tr.window):
-                    del self._trackers[key]
-        self._last_seen.update(seen)
-        changes.extend(self._expire(now))
+        for detector in [d for d in trackers if d not in hit]:
+            tr = self._push(trackers, detector, ts, False)
+            if not any(bad for _, bad in tr.window):
+                del trackers[detector]
+        if not trackers:
+            del self._trackers[(host, gpu)]
         return changes
 
     # ------------------------------------------------------------------ internals
 
-    def _push(self, key: tuple[str, int, str], ts: float, bad: bool) -> _Tracker:
-        tr = self._trackers.get(key)
+    def _push(self, trackers: dict[str, _Tracker], detector: str, ts: float, bad: bool) -> _Tracker:
+        tr = trackers.get(detector)
         if tr is None:
-            n = self.policy.for_detector(key[2]).n
-            tr = self._trackers[key] = _Tracker(deque(maxlen=n))
+            n = self.policy.for_detector(detector).n
+            tr = trackers[detector] = _Tracker(deque(maxlen=n))
         tr.window.append((ts, bad))
         return tr
 
@@ -272,10 +344,11 @@ class AlertManager:
             # finding that first triggered, so a GPU is not counted twice.
             aid = self._by_group.get((f.host, f.kind))
         o = self._open.get(aid) if aid else None
+        fresh = now - self._offset.get(f.host, 0.0) - f.ts <= self.policy.stale_s
         if o is None:
             alert = Alert(id=self._new_id(), host=f.host, kind=f.kind, severity=f.severity, source=f.source,
                           state="active", first_ts=first_ts, raised_ts=now, last_ts=f.ts, message=f.message,
-                          score=f.score, count=1, gpu_first_ts=((f.gpu, first_ts),))
+                          score=f.score, count=1, gpu_first_ts=((f.gpu, first_ts),), notify=fresh)
             self._open[alert.id] = _Open(alert, {f.gpu: f.ts}, {f.detector}, now)
             self._by_group[(f.host, f.kind)] = alert.id
             self._by_gpu[gkey] = alert.id
@@ -293,7 +366,7 @@ class AlertManager:
             a, last_ts=max(a.last_ts, f.ts), count=a.count + 1, score=max(a.score, f.score),
             severity=f.severity if escalated else a.severity, state=state,
             message=f.message if (escalated or f.score > a.score) else a.message,
-            gpu_first_ts=a.gpu_first_ts + ((f.gpu, first_ts),) if joined else a.gpu_first_ts,
+            gpu_first_ts=a.gpu_first_ts + ((f.gpu, first_ts),) if joined else a.gpu_first_ts, notify=fresh,
         )
         if joined or escalated or now - o.last_emit >= self.policy.refresh_s:
             o.last_emit = now
@@ -415,33 +488,58 @@ class AlertWriter:
     Snapshots are coalesced per alert id (the newest wins), so a burst of
     updates costs one row write, and writes stay ordered per alert. A failed
     write is logged and retried with backoff; nothing is dropped while the
-    database is down.
+    database is down. The writer may be built before the database opens
+    (``repo=None``): it queues from the first alert and writes once ``run`` is
+    given a repository, so alerts raised while the database starts are kept.
+    The queue is bounded (``max_pending`` alerts); beyond it the oldest entry
+    is dropped, with a warning.
     """
 
-    def __init__(self, repo: AlertRepository, manager: AlertManager, model_version: Callable[[], str | None]
-                 = lambda: None) -> None:
+    def __init__(self, repo: AlertRepository | None, manager: AlertManager,
+                 model_version: Callable[[], str | None] = lambda: None, max_pending: int = 10_000) -> None:
         self.repo = repo
         self._model_version = model_version
+        self._max_pending = max_pending
         self._pending: dict[str, Alert] = {}
+        self.dropped = 0
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
         for cb in (manager.on_alert_raised, manager.on_alert_updated, manager.on_alert_cleared):
             cb.connect(self._enqueue)
 
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
     def _enqueue(self, alert: Alert) -> None:
         self._pending[alert.id] = alert
+        if len(self._pending) > self._max_pending:
+            oldest = next(iter(self._pending))
+            del self._pending[oldest]
+            if self.dropped == 0:
+                log.warning("more than %d alert changes wait for the database; dropping the oldest",
+                            self._max_pending)
+            self.dropped += 1
         self._idle.clear()
         self._wake.set()
 
-    async def run(self) -> None:
+    async def run(self, repo: AlertRepository | None = None) -> None:
+        if repo is not None:
+            self.repo = repo
+        if self.repo is None:
+            raise RuntimeError("the alert writer needs a repository to run")
+        store = self.repo
         backoff = 0.5
         while True:
             await self._wake.wait()
             self._wake.clear()
             batch, self._pending = self._pending, {}
+            if not batch:
+                self._idle.set()
+                continue
             try:
-                await self.repo.save_many(list(batch.values()), self._model_version())
+                await store.save_many(list(batch.values()), self._model_version())
                 backoff = 0.5
             except Exception as exc:  # noqa: BLE001 - any database failure: keep the alerts, retry
                 log.warning("saving %d alerts failed (%s); retrying in %.1f s", len(batch), exc, backoff)

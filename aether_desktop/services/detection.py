@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from aether_desktop.services.alerts import (
+    Alert,
     AlertChange,
     AlertManager,
     AlertPolicy,
@@ -54,7 +55,8 @@ _F = {n: i for i, n in enumerate(FEATURE_NAMES)}
 @dataclass
 class DetectionStats:
     messages: int = 0
-    stale_dropped: int = 0  # out-of-order or replayed messages (time went backwards for a host)
+    stale_dropped: int = 0  # duplicates and out-of-order messages (older than one already processed)
+    clock_resets: int = 0  # a host's clock went back (a new boot or a step): its ordering restarted
     samples: int = 0
     scored: int = 0
     anomalous: int = 0
@@ -73,7 +75,7 @@ class DetectionPipeline:
         self.stats = DetectionStats()
         self._pending: list[Telemetry] = []
         self._pending_lock = threading.Lock()
-        self._last_ts: dict[str, float] = {}
+        self._order: dict[str, tuple[str, int, float]] = {}  # host -> (boot, seq, ts) of the newest message
         self._flagged = np.zeros(0, dtype=bool)
         self.scores: dict[tuple[str, int], float] = {}  # latest model score per GPU (for the UI)
 
@@ -93,14 +95,11 @@ class DetectionPipeline:
             msgs, self._pending = self._pending, []
         by_host: dict[str, list[Telemetry]] = {}
         for m in sorted(msgs, key=lambda m: m.ts):
-            if m.ts <= self._last_ts.get(m.host, -math.inf):
-                self.stats.stale_dropped += 1
-                continue
-            self._last_ts[m.host] = m.ts
-            by_host.setdefault(m.host, []).append(m)
+            if self._accept(m):
+                by_host.setdefault(m.host, []).append(m)
         self.stats.messages += len(msgs)
         findings: list[Finding] = []
-        seen: dict[tuple[str, int], float] = {}
+        seen: dict[tuple[str, int], list[float]] = {}  # every sample, so each one counts in k-of-n
         feats: list[np.ndarray] = []
         cols: list[tuple[Columns, np.ndarray, list[tuple[str, float, GpuSample]]]] = []
         # A backlog (catch-up after an outage) is replayed sample by sample per GPU,
@@ -115,7 +114,7 @@ class DetectionPipeline:
                 for g in m.gpus:
                     self.stats.samples += 1
                     findings.extend(self.rules.check(host, m.ts, g))
-                    seen[(host, g.index)] = m.ts
+                    seen.setdefault((host, g.index), []).append(m.ts)
                     if g.state == "ok" and m.state == "active":
                         rows.append((host, m.ts, g))
             if rows and self.model is not None:
@@ -133,6 +132,33 @@ class DetectionPipeline:
         changes = self.manager.update(now, seen, findings, emit=emit)
         self.stats.last_tick_ms = (time.perf_counter() - t0) * 1000.0
         return changes
+
+    def _accept(self, m: Telemetry) -> bool:
+        """Whether ``m`` is news for its host; a clock that went back restarts the host's ordering.
+
+        A new boot starts its own order whatever its clock says. Within one boot
+        ``seq`` only grows, so a message with a higher ``seq`` but an earlier ``ts``
+        means the agent's clock stepped back (an NTP step): it is taken and the
+        order restarts from it (dropping it would blind detection for that host
+        until the new clock caught up with the old one). A message no newer by
+        either is a duplicate or a late redelivery and is dropped.
+        """
+        last = self._order.get(m.host)
+        if last is not None and m.ts <= last[2]:
+            boot, seq, ts = last
+            if m.boot == boot and m.seq <= seq:
+                self.stats.stale_dropped += 1
+                return False
+            self.stats.clock_resets += 1
+            if m.boot == boot:
+                log.warning("%s: clock stepped back %.1f s (seq %d -> %d); restarting its sample order",
+                            m.host, ts - m.ts, seq, m.seq)
+            else:
+                log.info("%s: new boot %s with a clock %.1f s behind the last one; restarting its sample order",
+                         m.host, m.boot, ts - m.ts)
+            self.manager.rebase_host(m.host, m.ts)
+        self._order[m.host] = (m.boot, m.seq, m.ts)
+        return True
 
     def _grow(self, n: int) -> None:
         if n > len(self._flagged):
@@ -212,8 +238,13 @@ class AlertsRuntime:
     ``start()`` loads the newest model (or bootstraps one) in a worker thread;
     until then the rules run alone. Ticks run in a single worker thread so a
     big fleet never stalls the UI; alert callbacks are emitted back on the loop.
-    ``open_db(store)`` restores open alerts and starts the write-behind writer.
+    ``open_db(store)`` restores open alerts, loads recent history for the panel
+    and starts the write-behind writer. The writer listens from the start, so
+    alerts raised while the database is still starting are stored once it opens.
     """
+
+    HISTORY_S = 24 * 3600.0  # cleared alerts shown in the panel after a restart
+    HISTORY_LIMIT = 500
 
     def __init__(self, model_dir: Path, tick_s: float = 1.0, clock: Callable[[], float] = time.time) -> None:
         self.store = ModelStore(model_dir)
@@ -221,9 +252,14 @@ class AlertsRuntime:
         self.tick_s = tick_s
         self._clock = clock
         self._pool: Any = None
-        self._writer: AlertWriter | None = None
+        # Queues from the first alert (bounded); writes once open_db gives it the database.
+        self._writer = AlertWriter(None, self.manager, lambda: self.pipeline.model.version
+                                   if self.pipeline.model else None)
+        self._writer_task: asyncio.Task[None] | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aether-detect")
+        self.history: list[Alert] = []  # recent alerts loaded from the database (for the panel)
+        self.on_history: Callbacks[list[Alert]] = Callbacks()
         self.on_model_info: Callbacks[str] = Callbacks()
         self.on_progress: Callbacks[tuple[float, str]] = Callbacks()  # called from worker threads
 
@@ -241,12 +277,20 @@ class AlertsRuntime:
         self._adopt(model)
 
     async def open_db(self, store: Any) -> None:
+        import psycopg
+
         self._pool = store.pool
         repo = AlertRepository(self._pool)
-        self.manager.restore(await repo.load_open(), self._clock())
-        self._writer = AlertWriter(repo, self.manager, lambda: self.pipeline.model.version
-                                   if self.pipeline.model else None)
-        self._tasks.append(asyncio.create_task(self._writer.run(), name="alerts-writer"))
+        now = self._clock()
+        self.manager.restore(await repo.load_open(), now)
+        self._writer_task = asyncio.create_task(self._writer.run(repo), name="alerts-writer")
+        self._tasks.append(self._writer_task)
+        try:
+            self.history = await repo.recent(since=now - self.HISTORY_S, limit=self.HISTORY_LIMIT)
+        except psycopg.Error as exc:
+            log.warning("recent alerts could not be loaded (%s); the panel shows this session's only", exc)
+            return
+        self.on_history.emit(self.history)
 
     async def retrain(self, hours: float = 24.0) -> AnomalyModel:
         """Retrain on the last ``hours`` of stored telemetry; GPUs under an alert are left out."""
@@ -267,7 +311,7 @@ class AlertsRuntime:
         return model
 
     async def stop(self) -> None:
-        if self._writer is not None:
+        if self._writer_task is not None:
             try:
                 await asyncio.wait_for(self._writer.flush(), 5.0)
             except TimeoutError:

@@ -105,8 +105,8 @@ class Columns:
     power: F64
     util: F64
     mem: F64
-    proc_mem: F64  # memory owned by listed processes
-    proc_sig: I64  # hash of the pid set
+    proc_mem: F64  # memory owned by listed processes; NaN: the process list was not read
+    proc_sig: I64  # hash of the pid set; PROCS_UNKNOWN: the process list was not read
     sm_clock: F64
     slowdown: F64  # NaN: use the model's
 
@@ -120,6 +120,9 @@ FORGET_S = 1800.0  # memory of the per-GPU thermal fit
 # (it only becomes identifiable once the load has varied).
 PRIOR_WEIGHT = np.array([2.0, 120.0])
 SMOOTH = 4  # residual samples averaged (the reading is an integer: average out rounding)
+# proc_sig of a sample whose process list could not be read (None, unlike [] = no
+# processes). Python's hash() never returns -1, so no pid set collides with it.
+PROCS_UNKNOWN = -1
 
 
 class FeatureExtractor:
@@ -146,6 +149,11 @@ class FeatureExtractor:
     last_temp: F64
     flat_lo: F64
     flat_hi: F64
+    # Last reported value per slot, carried over a sample that misses it (NaN: never reported).
+    last_mem: F64
+    last_pmem: F64
+    last_sig: I64
+    last_util: F64
 
     def __init__(self, params: FeatureParams | None = None) -> None:
         self.params = params or FeatureParams()
@@ -175,6 +183,8 @@ class FeatureExtractor:
         self.max_sm[s], self.slow[s] = p.max_sm_mhz, p.slowdown_c
         self.sxx[s], self.sxy[s] = 0.0, 0.0
         self.seen[s] = 0
+        self.last_mem[s] = self.last_pmem[s] = self.last_util[s] = math.nan
+        self.last_sig[s] = PROCS_UNKNOWN
         return s
 
     def set_params(self, params: FeatureParams) -> None:
@@ -213,6 +223,10 @@ class FeatureExtractor:
         grow("last_temp", (), math.nan)
         grow("flat_lo", (), 0.0)
         grow("flat_hi", (), 0.0)
+        grow("last_mem", (), math.nan)
+        grow("last_pmem", (), math.nan)
+        grow("last_sig", (), PROCS_UNKNOWN, np.int64)
+        grow("last_util", (), math.nan)
         self._cap = cap
 
     # ------------------------------------------------------------------ the update
@@ -260,8 +274,17 @@ class FeatureExtractor:
         self.sxx[u] = self.sxx[u] * k[:, :, None] + xv[:, :, None] * xv[:, None, :]
         self.sxy[u] = self.sxy[u] * k + xv * temp[upd][:, None]
 
+        # One failed NVML read is a missing value, not a zero: carry the last one
+        # reported (a dip to 0 MiB and back would look like a leak's slope).
+        util_in = np.where(np.isfinite(c.util), c.util, self.last_util[s])
+        mem_in = np.where(np.isfinite(c.mem), c.mem, self.last_mem[s])
+        procs_known = c.proc_sig != PROCS_UNKNOWN
+        pmem_in = np.where(procs_known, c.proc_mem, self.last_pmem[s])
+        sig = np.where(procs_known, c.proc_sig, self.last_sig[s])
+        self.last_util[s], self.last_mem[s], self.last_pmem[s], self.last_sig[s] = util_in, mem_in, pmem_in, sig
+
         # Power explained by utilisation (piecewise-linear curve per GPU model).
-        util = np.clip(np.nan_to_num(c.util, nan=0.0), 0.0, 100.0)
+        util = np.clip(np.nan_to_num(util_in, nan=0.0), 0.0, 100.0)
         pos = util / (100.0 / (UTIL_BINS - 1))
         lo = np.minimum(pos.astype(np.int64), UTIL_BINS - 2)
         frac = pos - lo
@@ -271,14 +294,15 @@ class FeatureExtractor:
         span = np.maximum(curve[:, -1] - curve[:, 0], 1.0)
         pex = np.where(np.isfinite(c.power), (c.power - p_exp) / span, 0.0)
 
-        mem = np.nan_to_num(c.mem, nan=0.0)
-        una = mem - np.nan_to_num(c.proc_mem, nan=0.0)
+        # Never reported: NaN stays in the window, its slope is NaN and the feature reads 0.
+        mem = mem_in
+        una = mem_in - pmem_in
 
         # Ring buffers: restarted slots are refilled with the current sample.
         h = (self.head[s] + 1) % WINDOW
         self.head[s] = h
         for name, val in (("r_ts", c.ts), ("r_res", resid), ("r_pex", pex), ("r_mem", mem), ("r_una", una),
-                          ("r_sig", c.proc_sig)):
+                          ("r_sig", sig)):
             ring = getattr(self, name)
             ring[s[restart]] = val[restart][:, None]
             ring[s, h] = val
@@ -322,9 +346,11 @@ class FeatureExtractor:
         nan = math.nan
         for i, (host, ts, g) in enumerate(rows):
             slot[i] = self.slot(host, g.index, g.name)
-            procs = g.processes or ()
-            sig[i] = hash(tuple(sorted(p.pid for p in procs)))
-            pm = sum(p.mem_used_mib or 0.0 for p in procs)
+            if g.processes is None:  # not read this time: unknown, not "no processes"
+                sig[i], pm = PROCS_UNKNOWN, nan
+            else:
+                sig[i] = hash(tuple(sorted(p.pid for p in g.processes)))
+                pm = sum(p.mem_used_mib or 0.0 for p in g.processes)
             vals[i] = (ts, nan if g.temp_c is None else g.temp_c, nan if g.power_w is None else g.power_w,
                        nan if g.util_pct is None else g.util_pct,
                        nan if g.mem_used_mib is None else g.mem_used_mib, pm,

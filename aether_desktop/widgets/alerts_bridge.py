@@ -22,6 +22,8 @@ class AlertsBridge(QObject):
     alert_raised = Signal(object)  # Alert
     alert_updated = Signal(object)  # Alert
     alert_cleared = Signal(object)  # Alert
+    # Open alerts re-opened from the database after a restart (list[Alert]): listed, not notified.
+    alerts_restored = Signal(object)
     # Worst severity among open, un-acknowledged alerts: "ok" | "info" | "warning" | "critical".
     health_changed = Signal(str)
     model_info_changed = Signal(str)  # one line describing the anomaly model
@@ -37,6 +39,7 @@ class AlertsBridge(QObject):
         manager.on_alert_raised.connect(self._on_raised)
         manager.on_alert_updated.connect(self._on_updated)
         manager.on_alert_cleared.connect(self._on_cleared)
+        manager.on_alerts_restored.connect(self._on_restored)
 
     # ------------------------------------------------------------------ actions (from widgets)
 
@@ -58,6 +61,7 @@ class AlertsBridge(QObject):
         self.manager.on_alert_raised.disconnect(self._on_raised)
         self.manager.on_alert_updated.disconnect(self._on_updated)
         self.manager.on_alert_cleared.disconnect(self._on_cleared)
+        self.manager.on_alerts_restored.disconnect(self._on_restored)
 
     # ------------------------------------------------------------------ manager callbacks
 
@@ -71,6 +75,10 @@ class AlertsBridge(QObject):
 
     def _on_cleared(self, alert: Alert) -> None:
         self.alert_cleared.emit(alert)
+        self._refresh_health()
+
+    def _on_restored(self, alerts: list[Alert]) -> None:
+        self.alerts_restored.emit(list(alerts))
         self._refresh_health()
 
     def _compute_health(self) -> str:

@@ -102,6 +102,7 @@ class AlertsPanel(QWidget):
         bridge.alert_raised.connect(self._on_alert)
         bridge.alert_updated.connect(self._on_alert)
         bridge.alert_cleared.connect(self._on_alert)
+        bridge.alerts_restored.connect(self._on_alerts_restored)
         bridge.model_info_changed.connect(self._on_model_info)
         bridge.retrain_progress.connect(self._on_retrain_progress)
 
@@ -130,6 +131,12 @@ class AlertsPanel(QWidget):
             cleared = sorted((a for a in self._alerts.values() if not a.is_open), key=lambda a: a.last_ts)
             for a in cleared[: len(self._alerts) - MAX_KEPT]:
                 del self._alerts[a.id]
+        self._rebuild()
+
+    def _on_alerts_restored(self, alerts: list[Alert]) -> None:
+        # The manager's copy is current (an older history row may have been set first).
+        for a in alerts:
+            self._alerts[a.id] = a
         self._rebuild()
 
     def _on_filter_changed(self, _index: int) -> None:

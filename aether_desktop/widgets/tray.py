@@ -7,12 +7,18 @@ summary, so an XID storm on a host never floods the desktop. A click on the
 notification focuses the alert's GPU. Where ``QSystemTrayIcon`` is not
 available (offscreen, some desktops) the same notifications go to an
 in-window ``NotificationArea``.
+
+Only news is notified: an alert the manager marks ``notify=False`` (found in a
+backlog replayed long after the samples were taken, or raised and cleared in
+one tick) and alerts restored after a restart are listed but never popped up.
+A notification says when its first sample was taken, which matters when an
+alert is found late.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from PySide6.QtCore import QObject, QRectF, Qt, QTimer, Signal
 from PySide6.QtGui import QAction, QColor, QIcon, QPainter, QPen, QPixmap
@@ -40,6 +46,13 @@ def health_icon(level: str, size: int = 64) -> QIcon:
     return QIcon(pix)
 
 
+def _when(ts: float) -> str:
+    """The sample's time of day, with the date when it is not today (a late find)."""
+    lt = time.localtime(ts)
+    fmt = "%H:%M:%S" if lt[:3] == time.localtime()[:3] else "%Y-%m-%d %H:%M:%S"
+    return time.strftime(fmt, lt)
+
+
 class NotificationLimiter:
     """At most one notification per interval; what arrives in between is summarised (pure logic)."""
 
@@ -60,6 +73,13 @@ class NotificationLimiter:
 
     def due_in(self) -> float:
         return max(0.0, self._last + self.min_interval_s - self._clock())
+
+    def replace_held(self, alert: Alert) -> bool:
+        """A held alert changed before its summary: keep its newest snapshot (True if it was held)."""
+        found = any(a.id == alert.id for a in self.held)
+        if found:
+            self.held = [alert if a.id == alert.id else a for a in self.held]
+        return found
 
     def take_held(self) -> list[Alert]:
         held, self.held = self.held, []
@@ -110,8 +130,10 @@ class FleetTray(QObject):
         self._flush_timer.timeout.connect(self.flush_pending)
         bridge.alert_raised.connect(self._on_alert_raised)
         bridge.alert_updated.connect(self._on_alert_updated)
+        bridge.alerts_restored.connect(self._on_alerts_restored)
         bridge.health_changed.connect(self._on_health_changed)
         self._on_health_changed(bridge.health)
+        self._on_alerts_restored(bridge.open_alerts())  # open before this tray existed: not news
 
     @property
     def uses_system_tray(self) -> bool:
@@ -127,8 +149,13 @@ class FleetTray(QObject):
             self.tray.setIcon(health_icon(level))
             self.tray.setToolTip(tip)
 
+    def _on_alerts_restored(self, alerts: Iterable[Alert]) -> None:
+        # Notified by an earlier session; recorded at their level so an escalation still notifies.
+        for a in alerts:
+            self._notified.setdefault(a.id, a.severity)
+
     def _on_alert_raised(self, alert: Alert) -> None:
-        if self.paused or alert.state != "active":
+        if self.paused or alert.state != "active" or not alert.notify:
             return
         now = self._limiter.offer(alert)
         if now is not None:
@@ -137,6 +164,9 @@ class FleetTray(QObject):
             self._flush_timer.start(int(self._limiter.due_in() * 1000) + 1)
 
     def _on_alert_updated(self, alert: Alert) -> None:
+        # Still waiting for the summary: the summary shows its newest state.
+        if self._limiter.replace_held(alert):
+            return
         # An alert that escalated since it was notified deserves a notification again.
         before = self._notified.get(alert.id)
         if alert.state == "active" and before is not None and SEVERITY_RANK[alert.severity] > SEVERITY_RANK[before]:
@@ -151,17 +181,20 @@ class FleetTray(QObject):
         if len(held) == 1:
             self._notify_one(held[0])
             return
+        for a in held:  # shown inside the summary: notified at this level, so an escalation notifies
+            self._notified[a.id] = a.severity
         worst = max(held, key=lambda a: (SEVERITY_RANK[a.severity], a.score))
         hosts = sorted({a.host for a in held})
         text = (f"{len(held)} new alerts on {len(hosts)} host(s) ({', '.join(hosts[:3])}"
-                f"{'...' if len(hosts) > 3 else ''}); worst: {worst.kind} on {worst.host} GPU {worst.gpu}")
+                f"{'...' if len(hosts) > 3 else ''}); worst: {worst.kind} on {worst.host} GPU {worst.gpu} "
+                f"since {_when(worst.first_ts)}")
         self._show(f"Aether: {len(held)} new alerts", text, worst.severity, (worst.host, worst.gpu, worst.first_ts))
 
     def _notify_one(self, a: Alert) -> None:
         self._notified[a.id] = a.severity
         gpus = ",".join(str(g) for g in a.gpus)
-        self._show(f"{a.severity.upper()}: {a.kind} on {a.host} GPU {gpus}", a.message, a.severity,
-                   (a.host, a.gpu, a.first_ts))
+        self._show(f"{a.severity.upper()}: {a.kind} on {a.host} GPU {gpus}",
+                   f"{a.message}\n(first sample {_when(a.first_ts)})", a.severity, (a.host, a.gpu, a.first_ts))
 
     def _show(self, title: str, text: str, level: str, target: tuple[str, int, float]) -> None:
         self._last_target = target

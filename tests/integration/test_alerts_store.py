@@ -118,3 +118,31 @@ async def test_model_history_retrain_from_stored_telemetry(pool: AsyncConnection
     async with pool.connection() as conn:
         cur = await conn.execute("SELECT version, origin, n_samples > 0 FROM anomaly_models")
         assert await cur.fetchall() == [("v2", "history", True)]
+
+
+async def test_alerts_raised_before_the_database_opens_are_stored(pool: AsyncConnectionPool, tmp_path: Path
+                                                                  ) -> None:
+    from types import SimpleNamespace
+
+    from aether_desktop.services.detection import AlertsRuntime
+
+    rt = AlertsRuntime(tmp_path, clock=lambda: T0 + 5)
+    restored: list[list[str]] = []
+    rt.manager.on_alerts_restored.connect(lambda alerts: restored.append([a.kind for a in alerts]))
+    history: list[int] = []
+    rt.on_history.connect(lambda alerts: history.append(len(alerts)))
+    # The database is still starting: a GPU falls off the bus; another host's XID comes and goes.
+    rt.manager.update(T0, {("pre-1", 3): T0, ("pre-2", 0): T0}, [
+        Finding("pre-1", 3, T0, "gpu_lost", "gpu_lost", "critical", "rule", 1.0, "GPU 3 lost"),
+        Finding("pre-2", 0, T0, "xid", "xid", "critical", "rule", 79.0, "XID 79")])
+    rt.manager.update(T0 + 400, {("pre-2", 0): T0 + 400}, [])
+    await rt.open_db(SimpleNamespace(pool=pool))
+    try:
+        await asyncio.wait_for(rt._writer.flush(), 10.0)
+        async with pool.connection() as conn:
+            rows = await (await conn.execute(
+                "SELECT host, kind, state FROM alerts WHERE host LIKE 'pre-%' ORDER BY host")).fetchall()
+        assert rows == [("pre-1", "gpu_lost", "active"), ("pre-2", "xid", "cleared")]
+        assert history and restored == []  # nothing was open in the database; history was loaded
+    finally:
+        await rt.stop()

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 
+import msgspec
 import numpy as np
 
 from aether_desktop.services.features import (
     FEATURE_NAMES,
     MIN_SEEN,
+    PROCS_UNKNOWN,
     FeatureExtractor,
     FeatureParams,
     GpuModelParams,
@@ -155,3 +157,31 @@ def test_fit_thermal_and_power_curve_recover_the_physics() -> None:
     assert abs(tau - 45.0) <= 5.0 and abs(a - 31.0) < 1.0 and abs(r - 0.07) < 0.005
     curve = fit_power_curve(util, p)
     assert abs(curve[-3] - (70 + 6.3 * 90)) < 10
+
+
+def test_a_failed_nvml_read_is_missing_not_zero() -> None:
+    """One sample without memory, processes or utilisation must not look like a leak or a power spike."""
+    for missing in ("mem_used_mib", "processes", "util_pct"):
+        fx, board = FeatureExtractor(PARAMS), Board()
+        run(fx, board, 100, 0.0, 50.0)
+        rows = []
+        for i in range(40):
+            g = board.sample(50.0)
+            if i == 5:
+                g = msgspec.structs.replace(g, **{missing: None})
+            f, valid = fx.update(fx.columns([("h", 100.0 + i, g)]))
+            assert valid[0]
+            rows.append(f[0])
+        feats = np.array(rows)
+        assert np.abs(feats[:, F["mem_growth"]]).max() < 2.0, missing
+        assert np.abs(feats[:, F["unattributed_growth"]]).max() < 2.0, missing
+        assert feats[:, F["power_excess"]].max() < 0.1, missing
+
+
+def test_unknown_processes_differ_from_no_processes() -> None:
+    fx = FeatureExtractor(PARAMS)
+    s = Board().sample(50.0)
+    c = fx.columns([("h", 0.0, msgspec.structs.replace(s, processes=None)),
+                    ("h", 1.0, msgspec.structs.replace(s, processes=[]))])
+    assert c.proc_sig[0] == PROCS_UNKNOWN and math.isnan(c.proc_mem[0])
+    assert c.proc_sig[1] != PROCS_UNKNOWN and c.proc_mem[1] == 0.0
