@@ -24,13 +24,15 @@ T = TypeVar("T")
 
 
 def fleet_candidates(fleet: FleetState) -> Callable[[], list[GpuCandidate]]:
-    """The scheduler's view of the live fleet: every GPU of every online host."""
+    """The scheduler's view of the fleet: every GPU of every known host.
+
+    An offline host's GPUs come as last reported, in state ``offline``: never placed
+    on, but they keep a job that only that host could run waiting instead of rejected.
+    """
 
     def candidates() -> list[GpuCandidate]:
         out: list[GpuCandidate] = []
         for r in fleet.rows(time.time()):
-            if r.state == "offline":
-                continue
             v = r.values
             num = _num_reader(v)
             out.append(GpuCandidate(
@@ -265,7 +267,9 @@ def _wire_alerts_gui(station: Station, state: Any, window: Any, closing: asyncio
     if alerts.pipeline.model is not None:
         bridge.model_info_changed.emit(describe(alerts.pipeline.model))
     bridge.retrain_requested.connect(lambda: station.spawn(alerts.retrain(24), "anomaly retrain"))
-    panel = AlertsPanel(bridge)
+    # The database may open before or after the window: recent history either way.
+    panel = AlertsPanel(bridge, history=alerts.history)
+    alerts.on_history.connect(panel.set_history)
     window.add_tab(panel, "Alerts")
     panel.gpu_focus_requested.connect(window.focus_gpu)
     area = NotificationArea(parent=window.centralWidget())

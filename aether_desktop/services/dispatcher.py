@@ -1,5 +1,10 @@
 """The dispatcher: takes pending jobs, asks the scheduler where to run them, sends ``run_job``.
 
+Every pending job is looked at on every pass (in pages, by priority then age), and
+the GPUs of every dispatched or running job count as taken. A placement on sleeping
+GPUs first sends the agent ``wake`` for them; the job is marked dispatched only once
+they are awake, so a wake that fails leaves it waiting, never half-placed.
+
 Exactly one station dispatches at a time. Each station's Dispatcher keeps a dedicated
 autocommit connection and tries ``pg_try_advisory_lock`` on it every interval; the
 one that gets it dispatches, the others stand by. The lock is a session lock, so it
@@ -30,7 +35,16 @@ from aether_desktop.services.bus import HostOffline
 from aether_desktop.services.job_placements import PlacementRows
 from aether_desktop.services.jobs import JobRecord, JobRepository
 from aether_desktop.services.jobtypes import Decision, GpuCandidate, JobRequest
-from aether_protocol import PROTOCOL_VERSION, CancelJobCmd, Command, JobLogCmd, JobSpec, Reply, RunJobCmd
+from aether_protocol import (
+    PROTOCOL_VERSION,
+    CancelJobCmd,
+    Command,
+    JobLogCmd,
+    JobSpec,
+    Reply,
+    RunJobCmd,
+    WakeCmd,
+)
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +93,13 @@ def run_job_command(job: JobRequest, gpus: Sequence[int], cmd_id: str) -> RunJob
 def reserve(
     candidates: Sequence[GpuCandidate], placed: Iterable[tuple[str | None, Sequence[int], float]]
 ) -> list[GpuCandidate]:
-    """Count jobs placed but not yet visible in telemetry against their GPUs.
+    """Count placed jobs (dispatched or running) against their GPUs.
 
-    Without this, two jobs placed in the same tick (or before the agent's next sample)
-    would both see the same GPU as free.
+    Telemetry alone cannot be trusted for that: two jobs placed in the same tick (or
+    before the agent's next sample) would both see the same GPU as free, and a running
+    job's process may not be listed at all (CUDA not initialised yet, or a driver that
+    does not report processes). A job that telemetry does list is counted twice, which
+    only makes a busy GPU look busier.
     """
     extra: dict[tuple[str, int], tuple[int, float]] = {}
     for host, gpus, mem in placed:
@@ -102,6 +119,43 @@ def pinned_candidates(job: JobRequest, candidates: Sequence[GpuCandidate]) -> li
     if job.host is None:
         return list(candidates)
     return [c for c in candidates if c.host == job.host and (job.gpus is None or c.index in job.gpus)]
+
+
+def sleeping_gpus(seen: Sequence[GpuCandidate], d: Decision) -> list[int]:
+    """The decision's GPUs that were sleeping when the placer saw them (to wake first)."""
+    chosen = set(d.gpus)
+    return sorted(c.index for c in seen if c.host == d.host and c.index in chosen and c.state == "sleeping")
+
+
+def not_delivered(exc: HostOffline) -> bool:
+    """True when the request surely never reached an agent (no responders, no NATS).
+
+    A timeout, a connection lost mid-request or an unreadable reply say nothing of
+    whether the agent got the command and acted on it.
+    """
+    return exc.reason.startswith(("no responders", "the station is not connected"))
+
+
+def pin_wait(job: JobRequest, cands: Sequence[GpuCandidate]) -> Decision | None:
+    """A 'wait' for a pinned job whose pinned GPUs the fleet cannot show now; None to ask the placer.
+
+    Only an online host's own GPU list is trusted to say a pinned GPU does not exist
+    (the placer then rejects the job); a host that is unknown or offline may yet come
+    back with it.
+    """
+    if job.host is None:
+        return None
+    on_host = [c for c in cands if c.host == job.host]
+    have = {c.index for c in on_host}
+    wanted = set(job.gpus) if job.gpus is not None else set()
+    if len(on_host) >= job.num_gpus and wanted <= have:
+        return None
+    if on_host and any(c.state != "offline" for c in on_host):
+        return None  # online and short of GPUs: the placer says why, and rejects
+    gpus = ",".join(map(str, job.gpus or ()))
+    if on_host:
+        return Decision("wait", f"pinned host {job.host} is offline; waiting for it to come back")
+    return Decision("wait", f"pinned GPUs {job.host}:{gpus} are not all reported by the fleet")
 
 
 def check_decision(job: JobRequest, d: Decision) -> Decision:
@@ -130,6 +184,8 @@ class Dispatcher:
         interval_s: float = 2.0,
         start_timeout_s: float = 120.0,
         request_timeout_s: float = 5.0,
+        wake_timeout_s: float = 30.0,
+        wake_retry_s: float = 30.0,
         batch: int = 50,
         operator: str | None = None,
         clock: Callable[[], float] = time.time,
@@ -153,6 +209,11 @@ class Dispatcher:
         station that just started (or took over) has heard from no host yet.
         ``placement_features(job, candidates, host, gpus)`` gives the feature rows stored
         with each placement, the training data for retraining the placement model.
+
+        ``wake_timeout_s``: how long a ``wake`` for a placement's sleeping GPUs may take;
+        a job whose GPUs could not be woken waits ``wake_retry_s`` before it is tried
+        again (elsewhere, if better GPUs have come free). ``batch`` is the page size in
+        which the pending queue is read; every page is decided on every pass.
         """
         self._repo = repo
         self._dsn = dsn
@@ -163,6 +224,8 @@ class Dispatcher:
         self._interval_s = interval_s
         self._start_timeout_s = start_timeout_s
         self._request_timeout_s = request_timeout_s
+        self._wake_timeout_s = wake_timeout_s
+        self._wake_retry_s = wake_retry_s
         self._batch = batch
         self._operator = operator
         self._clock = clock
@@ -293,34 +356,52 @@ class Dispatcher:
                 f"no job_started from {job.host} within {self._start_timeout_s:.0f} s of dispatch",
                 now,
             )
-        await self._expire_dead_hosts(now)
-        pending = await self._repo.pending(now, self._batch)
-        if not pending:
+        inflight = await self._repo.in_flight()
+        await self._expire_dead_hosts(now, inflight)
+        page = await self._repo.pending(now, self._batch)
+        if not page:
             return
-        inflight = await self._repo.list_jobs(states=("dispatched",))
+        # A job just marked lost above keeps its GPUs until the next pass: harmless.
         cands = reserve(list(self._candidates()), ((j.host, j.gpus, j.request.mem_mib) for j in inflight))
         sends: list[asyncio.Task[None]] = []
-        for job in pending:
-            if not self._active:
-                break
-            d, seen = self._decide(job.request, cands, now)
-            if d.action == "place":
-                feats = self._placement_rows(job.request, seen, d)
-                if await self._repo.mark_dispatched(job.id, d, now, features=feats):
-                    cands = reserve(cands, [(d.host, d.gpus, job.request.mem_mib)])
-                    sends.append(self._spawn(self._send_run(job.request, d)))
-            elif d.action == "reject":
-                await self._repo.mark_rejected(job.id, d.reason, now, decision=d, only_from=("pending",))
-            else:
-                await self._repo.record_decision(job.id, d, now)
+        while page and self._active:
+            for job in page:
+                if not self._active:
+                    break
+                cands = await self._handle(job, cands, now, sends)
+            # Every pending job, not only the first page: a queue head that cannot be
+            # placed (e.g. many 8-GPU jobs) must not hide a small job that fits.
+            more = len(page) == self._batch
+            page = await self._repo.pending(now, self._batch, after=page[-1].id) if more else []
         if sends:
             await asyncio.gather(*sends, return_exceptions=True)
 
-    async def _expire_dead_hosts(self, now: float) -> None:
+    async def _handle(
+        self, job: JobRecord, cands: list[GpuCandidate], now: float, sends: list[asyncio.Task[None]]
+    ) -> list[GpuCandidate]:
+        """Decide one pending job and act on it; returns the candidates with its GPUs taken."""
+        d, seen = self._decide(job.request, cands, now)
+        if d.action == "place":
+            feats = self._placement_rows(job.request, seen, d)
+            asleep = sleeping_gpus(seen, d)
+            if asleep:
+                # Waking takes a while: done in the send task, which then dispatches.
+                sends.append(self._spawn(self._wake_and_run(job.request, d, asleep, feats)))
+            elif await self._repo.mark_dispatched(job.id, d, now, features=feats):
+                sends.append(self._spawn(self._send_run(job.request, d)))
+            else:
+                return cands
+            return reserve(cands, [(d.host, d.gpus, job.request.mem_mib)])
+        if d.action == "reject":
+            await self._repo.mark_rejected(job.id, d.reason, now, decision=d, only_from=("pending",))
+        else:
+            await self._repo.record_decision(job.id, d, now)
+        return cands
+
+    async def _expire_dead_hosts(self, now: float, active: Sequence[JobRecord]) -> None:
         """Mark jobs lost whose host has been offline for longer than the grace period."""
         if self._host_online is None or self._watch_since is None:
             return
-        active = await self._repo.list_jobs(states=("dispatched", "running"), limit=10_000)
         online = {h: self._host_online(h) for h in {j.host for j in active if j.host is not None}}
         for host in list(self._offline_since):
             if online.get(host, True):
@@ -344,11 +425,13 @@ class Dispatcher:
     ) -> tuple[Decision, list[GpuCandidate]]:
         """The placer's checked decision and the candidates it was shown."""
         usable = pinned_candidates(job, cands)
-        if job.host is not None and len(usable) < job.num_gpus:
-            gpus = ",".join(map(str, job.gpus or ()))
-            return Decision(
-                "wait", f"pinned GPUs {job.host}:{gpus} are not all reported by the fleet"
-            ), usable
+        waiting = pin_wait(job, cands)
+        if waiting is not None:
+            return waiting, usable
+        if job.host is not None and len(usable) < max(job.num_gpus, len(job.gpus or ())):
+            # Some pinned GPU is missing on an online host: the placer rejects the job,
+            # and sees the host's real GPU list to say so.
+            usable = [c for c in cands if c.host == job.host]
         try:
             d = self._placer.place(job, usable, now)
         except Exception as exc:
@@ -381,13 +464,48 @@ class Dispatcher:
         task.add_done_callback(self._sends.discard)
         return task
 
+    async def _wake_and_run(
+        self, job: JobRequest, d: Decision, asleep: list[int], feats: PlacementRows | None
+    ) -> None:
+        """Wake the placement's sleeping GPUs, then dispatch; if they stay asleep the job waits."""
+        assert d.host is not None
+        gpu_words = f"GPU{'s' if len(asleep) > 1 else ''} {','.join(map(str, asleep))}"
+        cmd = WakeCmd(v=PROTOCOL_VERSION, id=command_id(), gpus=asleep)
+        try:
+            reply = await self._sender.request(d.host, cmd, timeout=self._wake_timeout_s)
+            error = None if reply.ok else (reply.error or "no reason given")
+        except HostOffline as exc:
+            error = str(exc)
+        except Exception as exc:
+            log.exception("wake for %s on %s failed", job.id, d.host)
+            error = f"{type(exc).__name__}: {exc}"
+        now = self._clock()
+        if error is not None:
+            why = (f"could not wake {d.host} {gpu_words} for it: {error}; "
+                   f"trying again in {self._wake_retry_s:.0f} s")  # fmt: skip
+            await self._repo.record_decision(
+                job.id, Decision("defer", why, not_before_ts=now + self._wake_retry_s), now
+            )
+            return
+        if await self._repo.mark_dispatched(job.id, d, now, features=feats):
+            await self._send_run(job, d)
+
     async def _send_run(self, job: JobRequest, d: Decision) -> None:
         assert d.host is not None
         cmd = run_job_command(job, d.gpus, command_id())
         try:
             reply = await self._sender.request(d.host, cmd, timeout=self._request_timeout_s)
         except HostOffline as exc:
-            await self._repo.mark_lost(job.id, f"run_job not delivered: {exc}", self._clock())
+            if not_delivered(exc):
+                await self._repo.mark_lost(job.id, f"run_job not delivered: {exc}", self._clock())
+                return
+            # The agent may well have started it: the job_started event (or the start
+            # timeout) settles it. Marking it lost now would ignore a job that runs.
+            how = "" if exc.reason.startswith("no reply") else f" ({exc.reason})"
+            await self._repo.note(
+                job.id, f"no reply from {d.host}{how}; waiting for the job to start", self._clock(),
+                only_from=("dispatched",),
+            )  # fmt: skip
             return
         except Exception as exc:
             # Whatever broke, the agent did not confirm: say so now rather than leave the

@@ -7,6 +7,11 @@ an event finds its id taken and changes nothing) and order-proof: a state only m
 forward (pending < dispatched < running < terminal) and a terminal state is never
 left, so ``job_finished`` arriving before ``job_started`` still ends ``finished``.
 
+An agent's ``agent_started`` ends the jobs its earlier run left dispatched or running
+on that host (``lost``): the agent's service unit kills a job with its agent, and a
+new agent knows nothing of it. Only jobs dispatched (or started) before the restart
+are affected, so a replayed or late ``agent_started`` never ends a newer job.
+
 Each applied change also sends ``NOTIFY aether_jobs`` (delivered at commit, so never
 for a rolled-back change); :class:`JobWatcher` (services/job_watcher.py, re-exported
 here) listens for it so every station, not just the dispatching one, sees changes
@@ -152,6 +157,15 @@ def change_from_event(ev: Event) -> Change | None:
     )
 
 
+def restart_change(ev: Event, job_id: str, state: str) -> Change:
+    """The change an ``agent_started`` makes to one job its host had dispatched or running."""
+    return Change(
+        event_id=f"{ev.id}:{job_id}", job_id=job_id, kind="agent_restarted", source="agent", ts=ev.ts,
+        to_state="lost", only_from=frozenset({"dispatched", "running"}), host=ev.host,
+        reason=f"the agent on {ev.host} restarted while the job was {state}; the job ended with it",
+    )  # fmt: skip
+
+
 def decision_record(decision: Decision, now: float) -> dict[str, Any]:
     """The scheduler's decision as JSON: what it chose, why, and the candidates it scored."""
     ranked = sorted(decision.candidates, key=lambda c: c.score, reverse=True)
@@ -252,13 +266,27 @@ class JobRepository:
         tail = f"{where} ORDER BY submitted_at DESC, id LIMIT %(limit)s"
         return await self._select(tail, {"states": list(states or ()), "limit": limit})
 
-    async def pending(self, now: float, limit: int = 100) -> list[JobRecord]:
-        """The dispatch queue: pending, not deferred past ``now``, by priority then age."""
+    async def pending(self, now: float, limit: int = 100, *, after: str | None = None) -> list[JobRecord]:
+        """The dispatch queue: pending, not deferred past ``now``, by priority then age.
+
+        ``after`` (the last job id of the previous page) pages through the whole queue.
+        The page starts after that job's place in the order, not at an offset, so jobs
+        that left the queue meanwhile (dispatched, cancelled) make no other job skipped.
+        """
+        page = ""
+        if after is not None:
+            # priority and submitted_at never change, so the key is the job's own row.
+            page = "AND (-priority, submitted_at, id) > (SELECT -priority, submitted_at, id FROM jobs WHERE id = %s) "
         tail = (
             "WHERE state = 'pending' AND cancel_requested_at IS NULL AND (not_before IS NULL OR not_before <= %s) "
-            "ORDER BY priority DESC, submitted_at, id LIMIT %s"
+            f"{page}ORDER BY priority DESC, submitted_at, id LIMIT %s"
         )
-        return await self._select(tail, (_dt(now), limit))
+        params = (_dt(now), after, limit) if after is not None else (_dt(now), limit)
+        return await self._select(tail, params)
+
+    async def in_flight(self) -> list[JobRecord]:
+        """Every dispatched or running job: their GPUs are taken, whatever telemetry shows yet."""
+        return await self._select("WHERE state IN ('dispatched', 'running') ORDER BY dispatched_at, id", ())
 
     async def overdue_dispatched(self, before: float) -> list[JobRecord]:
         """Dispatched before ``before`` and still not reported started."""
@@ -311,7 +339,14 @@ class JobRepository:
         old = await self.get(job_id)
         if old is None:
             raise KeyError(job_id)
-        req = replace(old.request, id=new_job_id(), submitted_ts=self._clock())
+        now = self._clock()
+        req = replace(old.request, id=new_job_id(), submitted_ts=now)
+        if req.deadline_ts is not None and req.deadline_ts < now + req.expected_s:
+            # The same rule as a new submission's: a deadline that is past, or too near
+            # for the expected run, could never be met. Like the form's "edit a copy",
+            # the copy goes without it rather than be deferred against an impossible goal.
+            log.info("resubmit of %s: its deadline can no longer be met; the copy has none", job_id)
+            req = replace(req, deadline_ts=None)
         return await self.submit(req, submitted_by=submitted_by, resubmit_of=job_id)
 
     # ----------------------------------------------------------------- station changes
@@ -370,6 +405,14 @@ class JobRepository:
         )  # fmt: skip
         return await self.apply_station(ch) == "lost"
 
+    async def note(self, job_id: str, reason: str, now: float, *, only_from: Iterable[str]) -> bool:
+        """Update the reason shown for a job without changing its state (e.g. a run_job
+        with no reply: the job stays dispatched until it starts or its start times out)."""
+        ch = Change(
+            _station_id(), job_id, "note", "station", now, only_from=frozenset(only_from), reason=reason
+        )
+        return await self.apply_station(ch) is not None
+
     async def cancel(self, job_id: str, now: float, *, by: str | None = None) -> JobRecord | None:
         """Cancel: a pending job ends here; a dispatched/running one is flagged (the caller
         then sends ``cancel_job``). Returns the job afterwards, None if unknown."""
@@ -398,16 +441,31 @@ class JobRepository:
 
         A savepoint per event keeps one bad event (a data error) from failing the whole
         batch: the store would otherwise retry, and fail, forever and stop storing events.
+        Events apply in time order, so an ``agent_started`` sees the jobs as they stood then.
         """
         for ev in sorted(events, key=lambda e: e.ts):
-            ch = change_from_event(ev)
-            if ch is None:
+            if ev.kind != "agent_started" and change_from_event(ev) is None:
                 continue
             try:
                 async with conn.transaction():
-                    await self._apply(conn, ch)
+                    for ch in await self._event_changes(conn, ev):
+                        await self._apply(conn, ch)
             except (psycopg.DataError, psycopg.IntegrityError) as exc:
-                log.error("job event %s for %s not applied: %s", ev.id, ev.job_id, exc)
+                log.error("job event %s for %s not applied: %s", ev.id, ev.job_id or ev.host, exc)
+
+    async def _event_changes(self, conn: AsyncConnection[Any], ev: Event) -> list[Change]:
+        if ev.kind != "agent_started":
+            ch = change_from_event(ev)
+            return [ch] if ch is not None else []
+        # The jobs the agent's earlier run had: dispatched or started before this start.
+        # started_at comes from the same agent's clock as ev.ts; dispatched_at (a job not
+        # yet reported started) from the station's.
+        cur = await conn.execute(
+            "SELECT id, state FROM jobs WHERE host = %s AND state IN ('dispatched', 'running') "
+            "AND COALESCE(started_at, dispatched_at) < %s ORDER BY id FOR UPDATE",
+            (ev.host, _dt(ev.ts)),
+        )
+        return [restart_change(ev, job_id, state) for job_id, state in await cur.fetchall()]
 
     async def _apply(self, conn: AsyncConnection[Any], ch: Change) -> str | None:
         """Apply ``ch`` under the job's row lock. Returns the job's state after it, or None
@@ -436,6 +494,10 @@ class JobRepository:
                 sets["decision"] = Jsonb(ch.decision)
             if new == "dispatched":
                 sets.update(dispatched_at=_dt(ch.ts), host=ch.host, gpus=list(ch.gpus or ()), not_before=None)
+            if new == "running" and ch.reason is None:
+                # Once it runs, the reason is the placement's again (not a note made while
+                # it was dispatched, such as a run_job that got no reply).
+                sets["reason"] = sql.SQL("COALESCE(decision->>'reason', reason)")
             if new in TERMINAL_STATES:
                 sets["ended_at"] = _dt(ch.ts)
                 if ch.exit_code is not None:
@@ -447,6 +509,8 @@ class JobRepository:
                 sets.update(reason=ch.reason, not_before=_dt(ch.not_before_ts))
                 if ch.decision is not None:
                     sets["decision"] = Jsonb(ch.decision)
+            if ch.kind == "note" and ch.reason != cur_reason:
+                sets["reason"] = ch.reason
         if ch.kind == "job_started" and not foreign:
             # Even when the state does not move (job_finished came first), when it started is a fact.
             sets["started_at"] = sql.SQL("COALESCE(started_at, {})").format(sql.Literal(_dt(ch.ts)))

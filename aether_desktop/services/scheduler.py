@@ -2,17 +2,21 @@
 
 ``Scheduler.place`` is pure given its inputs (job, the fleet's GPUs as the
 station sees them, the time); it never talks to agents. Candidates are the
-*whole* fleet, busy GPUs included, so the scheduler can tell "wait" (fits,
-but not now) from "reject" (fits nowhere, ever).
+*whole* fleet, busy GPUs and offline hosts' GPUs (state ``offline``, as last
+reported) included, so the scheduler can tell "wait" (fits, but not now) from
+"reject" (fits nowhere, ever).
 
 Order of decisions:
 1. reject what can never fit (too many GPUs for any host, more memory than any
-   GPU has, a pinned host/GPU that does not exist or is lost);
+   GPU has, a pinned host/GPU that does not exist or is lost); wait when only
+   hosts that are offline now could take it;
 2. defer a job with a deadline when the carbon forecast has a greener window;
 3. hard feasibility now (state, free memory, free slot, pinned GPUs);
 4. the model scores every candidate in one batched call per booster; a
    k-GPU job takes the best k GPUs of one host (its P(success) is the product,
    its slowdown the slowest GPU's, as synchronous training waits for it);
+   among equal scores awake GPUs go before sleeping ones (a wake costs time and
+   power), then the best fit;
 5. place the best option if its P(success) reaches the target, otherwise
    wait while waiting can help (something is busy or hot), else place it anyway.
 """
@@ -31,7 +35,8 @@ from aether_desktop.services.scheduler_model import SchedulerModel, features_and
 
 GIB = 1024.0
 DRIVER_MIB = 300.0  # memory the CUDA context takes on an otherwise idle GPU
-_USABLE = ("ok", "sleeping")  # a sleeping GPU is woken before dispatch
+_USABLE = ("ok", "sleeping")  # the dispatcher wakes a sleeping GPU before run_job
+OFFLINE = "offline"  # the host stopped reporting; the GPU is shown as last reported
 
 
 @dataclass(frozen=True)
@@ -114,6 +119,14 @@ class Scheduler:
             why = self._pin_mask(job, pinned, candidates, host_names, host_id, index, total, mask)
             if why:
                 return self._reject(why, version)
+        offline = np.array([s == OFFLINE for s in states])
+        lost = np.array([s == "lost" for s in states])
+        big_enough = mask & (total >= need)
+        if not _hosts_with(k, big_enough & ~offline & ~lost, host_id, host_names):
+            away = _hosts_with(k, big_enough & offline, host_id, host_names)
+            if away:
+                # Not "never": a host that is down for a reboot comes back with its GPUs.
+                return Decision("wait", _offline_reason(job, away), model_version=version)
 
         # -- 2. greener later?
         if job.deadline_ts is not None and self.carbon is not None:
@@ -131,7 +144,8 @@ class Scheduler:
 
         # -- 4. score everything in one batched call per booster
         p, slow = self.model.predict(x)
-        options = self._options(k, p, slow, feasible, host_id, host_names, index)
+        asleep = np.array([s == "sleeping" for s in states])
+        options = self._options(k, p, slow, feasible, host_id, host_names, index, asleep)
         if options and (pinned or options[0].p >= cfg.min_p_success):
             note = "; pinned by the operator despite the risk" if options[0].p < cfg.min_p_success else ""
             return self._place(options, n, note, version)
@@ -143,10 +157,10 @@ class Scheduler:
             )
 
         # -- 5. nothing good now. Would the same GPUs idle and cool do? If not, waiting cannot help.
-        could = mask & np.array([s != "lost" for s in states]) & (total >= need)
+        could = big_enough & ~lost & ~offline
         x_idle, cooling = _idealize(x, host_id, len(host_names))
         pi, si = self.model.predict(x_idle)
-        ideal = self._options(k, pi, si, could, host_id, host_names, index)
+        ideal = self._options(k, pi, si, could, host_id, host_names, index, asleep)
         if not ideal:
             return Decision(
                 "wait", "every GPU that could take this job is lost; waiting", model_version=version
@@ -211,19 +225,21 @@ class Scheduler:
         host_id: np.ndarray,
         host_names: list[str],
         index: np.ndarray,
+        asleep: np.ndarray,
     ) -> list[_Option]:
         """Ranked placements: single GPUs for k == 1, else the best k GPUs of each host that has k feasible.
 
-        Scores within 0.02 count as equal; among equals, best fit (fewest GPUs
+        Scores within 0.02 count as equal; among equals, fewer sleeping GPUs
+        first (waking one costs seconds and power), then best fit (fewest GPUs
         left on the host) keeps whole hosts free for the next multi-GPU job --
         without it, near-identical scores scatter small jobs over every host.
         """
         score = np.where(feasible, p / slow, -np.inf)
         n_ok = np.bincount(host_id, weights=feasible, minlength=len(host_names)).astype(np.int64)
+        bucket_all = -np.round(score / 0.02)
         if k == 1:
             rows = np.nonzero(feasible)[0]
-            bucket = -np.round(score[rows] / 0.02)
-            top = rows[np.lexsort((n_ok[host_id[rows]], bucket))]
+            top = rows[np.lexsort((n_ok[host_id[rows]], asleep[rows], bucket_all[rows]))]
             return [
                 _Option(
                     host_names[host_id[r]],
@@ -234,7 +250,8 @@ class Scheduler:
                 )
                 for r in top[: max(self.config.keep_candidates, 2)]
             ]
-        order = np.lexsort((-score, host_id))  # by host, best first within a host
+        # By host; within a host best first, an awake GPU before a sleeping one of equal score.
+        order = np.lexsort((-score, asleep, bucket_all, host_id))
         hs = host_id[order]
         first = np.searchsorted(hs, hs, side="left")
         rank = np.arange(len(order)) - first
@@ -245,8 +262,9 @@ class Scheduler:
         p_host = np.exp(np.log(np.maximum(p[take], 1e-12)).reshape(-1, k).sum(axis=1))
         slow_host = slow[take].reshape(-1, k).max(axis=1)
         left = n_ok[hosts] - k
+        n_asleep = asleep[take].reshape(-1, k).sum(axis=1)
         bucket = -np.round(p_host / slow_host / 0.02)
-        best = np.lexsort((left, bucket))[: max(self.config.keep_candidates, 2)]
+        best = np.lexsort((left, n_asleep, bucket))[: max(self.config.keep_candidates, 2)]
         gpus = np.sort(index[take].reshape(-1, k), axis=1)
         return [
             _Option(
@@ -393,6 +411,21 @@ def _idealize(x: np.ndarray, host_id: np.ndarray, n_hosts: int) -> tuple[np.ndar
     xi[:, 10] = headroom / np.maximum(limit, 1.0)
     xi[:, 12] = 0.0
     return xi, temp - t_idle
+
+
+def _hosts_with(k: int, ok: np.ndarray, host_id: np.ndarray, host_names: list[str]) -> list[str]:
+    """The hosts with at least ``k`` GPUs where ``ok`` holds."""
+    counts = np.bincount(host_id, weights=ok, minlength=len(host_names))
+    return [host_names[h] for h in np.nonzero(counts >= k)[0].tolist()]
+
+
+def _offline_reason(job: JobRequest, away: list[str]) -> str:
+    if job.host is not None:
+        return f"pinned host {job.host} is offline; waiting for it to come back"
+    names = ", ".join(away[:3]) + (f" and {len(away) - 3} more" if len(away) > 3 else "")
+    if len(away) == 1:
+        return f"only {names} could take this job and it is offline; waiting for it to come back"
+    return f"only {names} could take this job and they are offline; waiting for one to come back"
 
 
 def _risk(job: JobRequest, total: np.ndarray) -> str:

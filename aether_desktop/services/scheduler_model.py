@@ -367,6 +367,8 @@ class ModelStore:
             base = self.directory / f"scheduler-v{v}"
             try:
                 meta = json.loads(Path(f"{base}.json").read_text())
+                if not isinstance(meta, dict):
+                    raise ValueError(f"the sidecar holds a JSON {type(meta).__name__}, not an object")
                 if tuple(meta.get("feature_names", ())) != FEATURE_NAMES:
                     log.warning("scheduler model v%s has other features; skipped", v)
                     continue

@@ -382,3 +382,68 @@ async def test_mark_lost_from_running_only_when_asked(repo: JobRepository) -> No
     # The host comes back and reports the job finished: lost stays lost.
     await _apply(repo, _event("job_finished", "j1", "e2", T0 + 5, exit_code=0))
     assert (await repo.get("j1")).state == "lost"  # type: ignore[union-attr]
+
+
+def _agent_started(ev_id: str, ts: float, host: str = "node-1") -> Event:
+    return Event(
+        v=PROTOCOL_VERSION, host=host, ts=ts, id=ev_id, kind="agent_started", detail="2 GPU(s), boot b2"
+    )
+
+
+async def test_an_agent_restart_loses_the_jobs_its_earlier_run_had(repo: JobRepository) -> None:
+    await _dispatched(repo, "old-run")  # dispatched at T0 + 1
+    await _dispatched(repo, "old-sent")
+    await _dispatched(repo, "done")
+    await repo.submit(_req("elsewhere"))
+    assert await repo.mark_dispatched("elsewhere", _place("node-2"), T0 + 1)
+    await _apply(
+        repo, _event("job_started", "old-run", "s1", T0 + 2), _event("job_started", "done", "s2", T0 + 2)
+    )
+    await repo.submit(_req("new"))
+    assert await repo.mark_dispatched("new", _place(), T0 + 30)  # after the restart below
+    # One batch, out of order: the old run's last report, the restart, the new run's first job.
+    await _apply(
+        repo,
+        _event("job_started", "new", "s3", T0 + 31),
+        _agent_started("boot-2", T0 + 20),
+        _event("job_finished", "done", "f2", T0 + 10, exit_code=0),
+    )
+    got = {j: await repo.get(j) for j in ("old-run", "old-sent", "done", "elsewhere", "new")}
+    assert {j: r.state for j, r in got.items() if r is not None} == {
+        "old-run": "lost", "old-sent": "lost", "done": "finished", "elsewhere": "dispatched", "new": "running",
+    }  # fmt: skip
+    old = got["old-run"]
+    assert old is not None and old.ended_ts == T0 + 20
+    assert old.reason == "the agent on node-1 restarted while the job was running; the job ended with it"
+    assert [e["kind"] for e in await repo.history("old-sent")][-1] == "agent_restarted"
+    # A late copy of an earlier start (JetStream redelivery, a station catching up) ends nothing newer.
+    await _apply(repo, _agent_started("boot-1", T0 + 5))
+    await _apply(repo, _agent_started("boot-2", T0 + 20))
+    rec = await repo.get("new")
+    assert rec is not None and rec.state == "running"
+
+
+async def test_a_note_changes_the_reason_until_the_job_runs(repo: JobRepository) -> None:
+    await _dispatched(repo, "j1")
+    why = "no reply from node-1; waiting for the job to start"
+    assert await repo.note("j1", why, T0 + 2, only_from=("dispatched",))
+    assert not await repo.note("j1", why, T0 + 3, only_from=("dispatched",))  # unchanged: not news
+    assert not await repo.note("j1", "other", T0 + 3, only_from=("pending",))
+    rec = await repo.get("j1")
+    assert rec is not None and (rec.state, rec.reason) == ("dispatched", why)
+    await _apply(repo, _event("job_started", "j1", "e1", T0 + 4))
+    rec = await repo.get("j1")
+    assert rec is not None and (rec.state, rec.reason) == ("running", "best predicted outcome")
+
+
+async def test_resubmit_drops_a_deadline_that_can_no_longer_be_met(repo: JobRepository) -> None:
+    await repo.submit(_req("past", deadline_ts=T0 - 60))
+    await repo.submit(_req("near", deadline_ts=T0 + 60, expected_s=600.0))
+    await repo.submit(_req("later", deadline_ts=T0 + 7200, expected_s=600.0))
+    got = {}
+    for job_id in ("past", "near", "later"):
+        new = await repo.resubmit(job_id)
+        stored = await repo.get(new.id)
+        assert stored is not None
+        got[job_id] = stored.request.deadline_ts
+    assert got == {"past": None, "near": None, "later": T0 + 7200}

@@ -69,6 +69,12 @@ async def test_a_job_runs_finishes_trains_the_model_and_a_dead_host_loses_its_jo
         jobs.retrainer.policy = RetrainPolicy(sim_jobs=400)
         assert [m["version"] for m in models] == [1]
 
+        # The idle host is put to sleep: the job still runs, the dispatcher wakes a GPU for it.
+        assert station.bus is not None
+        ok, text = await station.bus.send("sim-01", "sleep")
+        assert ok, text
+        await until(lambda: {r.state for r in station.fleet.rows(time.time())} == {"sleeping"},
+                    what="both GPUs sleeping")  # fmt: skip
         await jobs.submit(job("j-ok", 2.0))
 
         async def ended(job_id: str) -> JobRecord | None:

@@ -212,3 +212,42 @@ def test_damaged_model_is_skipped_for_an_older_one(tmp_path: Path, model_dir: Pa
     (tmp_path / "scheduler-v2.ubj").write_bytes(b"not a model")
     loaded = ModelStore(tmp_path).load()
     assert loaded is not None and loaded.version == "v1"
+
+
+def test_damaged_sidecar_that_is_not_an_object_is_skipped(tmp_path: Path, model_dir: Path) -> None:
+    for name in ("scheduler-v1.json", "scheduler-v1.ubj", "scheduler-v1.slowdown.ubj"):
+        (tmp_path / name).write_bytes((model_dir / name).read_bytes())
+    (tmp_path / "scheduler-v2.json").write_text("[]")
+    (tmp_path / "scheduler-v2.ubj").write_bytes((model_dir / "scheduler-v1.ubj").read_bytes())
+    loaded = ModelStore(tmp_path).load()
+    assert loaded is not None and loaded.version == "v1"
+
+
+def test_prefers_awake_gpus_to_sleeping_ones_of_equal_score(model: SchedulerModel) -> None:
+    # Equal in every feature; only the state differs (a wake costs seconds and power).
+    cands = [gpu("gpu-node-01", i, state="sleeping" if i % 2 == 0 else "ok") for i in range(4)]
+    one = Scheduler(model).place(job(), cands, 0.0)
+    assert (one.action, one.gpus) == ("place", (1,))
+    two = Scheduler(model).place(job(num_gpus=2), cands, 0.0)
+    assert (two.action, two.gpus) == ("place", (1, 3))
+    # Between hosts too: a host that is awake before an equal one that sleeps.
+    hosts = [gpu("gpu-node-01", i, state="sleeping") for i in range(2)] + [
+        gpu("gpu-node-02", i) for i in range(2)
+    ]
+    assert Scheduler(model).place(job(num_gpus=2), hosts, 0.0).host == "gpu-node-02"
+    # Still usable when nothing else is free: the dispatcher wakes them first.
+    assert Scheduler(model).place(job(num_gpus=2), hosts[:2], 0.0).gpus == (0, 1)
+
+
+def test_a_job_that_only_an_offline_host_can_take_waits(model: SchedulerModel) -> None:
+    online = [gpu("gpu-node-01", i) for i in range(4)]
+    offline = [gpu("gpu-node-02", i, state="offline") for i in range(8)]
+    d = Scheduler(model).place(job(num_gpus=8), online + offline, 0.0)
+    assert d.action == "wait"
+    assert d.reason == "only gpu-node-02 could take this job and it is offline; waiting for it to come back"
+    assert Scheduler(model).place(job(num_gpus=8), online, 0.0).action == "reject"
+    # Offline GPUs are never placed on, however good they look.
+    placed = Scheduler(model).place(job(), [replace(c, temp_c=70.0) for c in online] + offline, 0.0)
+    assert placed.action == "place" and placed.host == "gpu-node-01"
+    pinned = Scheduler(model).place(job(host="gpu-node-02", gpus=(3,)), online + offline, 0.0)
+    assert pinned.reason == "pinned host gpu-node-02 is offline; waiting for it to come back"
