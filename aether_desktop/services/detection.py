@@ -32,10 +32,9 @@ from aether_desktop.services.alerts import (
     AlertChange,
     AlertManager,
     AlertPolicy,
-    AlertRepository,
-    AlertWriter,
     Callbacks,
 )
+from aether_desktop.services.alerts_store import AlertRepository, AlertWriter
 from aether_desktop.services.anomaly import (
     AnomalyModel,
     ModelStore,

@@ -12,7 +12,8 @@ import psycopg
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
-from aether_desktop.services.alerts import AlertManager, AlertRepository, AlertWriter
+from aether_desktop.services.alerts import AlertManager
+from aether_desktop.services.alerts_store import AlertRepository, AlertWriter
 from aether_desktop.services.anomaly import (
     ModelStore,
     bootstrap,

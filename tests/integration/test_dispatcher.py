@@ -14,7 +14,8 @@ from nats.aio.msg import Msg
 from psycopg_pool import AsyncConnectionPool
 
 from aether_desktop.services.bus import Bus
-from aether_desktop.services.dispatcher import Dispatcher, JobActionError, reserve
+from aether_desktop.services.dispatch_placement import reserve
+from aether_desktop.services.dispatcher import Dispatcher, JobActionError
 from aether_desktop.services.jobs import JobRecord, JobRepository
 from aether_desktop.services.jobtypes import Decision, GpuCandidate, JobRequest, ScoredCandidate
 from aether_protocol import CancelJobCmd, Command, Event, JobLogCmd, RunJobCmd, decode_command, reply

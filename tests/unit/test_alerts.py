@@ -9,9 +9,8 @@ from aether_desktop.services.alerts import (
     AlertManager,
     AlertPolicy,
     Hysteresis,
-    alert_from_row,
-    alert_row,
 )
+from aether_desktop.services.alerts_store import alert_from_row, alert_row
 from aether_desktop.services.rules import Finding
 
 

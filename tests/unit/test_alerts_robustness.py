@@ -10,7 +10,8 @@ import asyncio
 import itertools
 from pathlib import Path
 
-from aether_desktop.services.alerts import Alert, AlertManager, AlertWriter
+from aether_desktop.services.alerts import Alert, AlertManager
+from aether_desktop.services.alerts_store import AlertWriter
 from aether_desktop.services.detection import AlertsRuntime, DetectionPipeline
 from aether_desktop.services.rules import Finding
 from aether_protocol import GpuSample, Telemetry
