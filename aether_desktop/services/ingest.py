@@ -385,11 +385,9 @@ class JetStreamIngest:
                 except (TimeoutError, psycopg.Error) as exc:
                     error = exc if isinstance(exc, psycopg.Error) else f"no answer in {self._write_timeout_s:.0f} s"
                     self._board.update(db_ok=False, last_error=f"database: {error}".strip())
-                    if self._stop.is_set():
+                    if (waited := await self._back_off(msgs[n:], held_since, delay)) is None:
                         return False
-                    held_since = await self._hold(msgs[n:], held_since)
-                    await self._sleep(delay)
-                    delay = min(delay * 2, self._max_backoff_s)
+                    held_since, delay = waited
                     continue
                 except Exception as exc:  # noqa: BLE001 - e.g. a failing event hook
                     failures += 1
@@ -404,17 +402,24 @@ class JetStreamIngest:
                     if failures <= self._store_attempts:
                         log.warning("storing a %s message failed (try %d)", kind, failures, exc_info=exc)
                     self._board.set_problem(f"{kind} store", f"storing {kind}: {exc!r}")
-                    if self._stop.is_set():
+                    if (waited := await self._back_off(msgs[n:], held_since, delay)) is None:
                         return False
-                    held_since = await self._hold(msgs[n:], held_since)
-                    await self._sleep(delay)
-                    delay = min(delay * 2, self._max_backoff_s)
+                    held_since, delay = waited
                     continue
                 else:
                     await self._ack([m])
                 break
         self._board.set_problem(f"{kind} store", None)
         return True
+
+    async def _back_off(self, held: Sequence[Msg], held_since: float, delay: float) -> tuple[float, float] | None:
+        """Wait ``delay`` before the next try, keeping the held messages reserved;
+        (when they were last reserved, the next delay), or None when stopping."""
+        if self._stop.is_set():
+            return None
+        held_since = await self._hold(held, held_since)
+        await self._sleep(delay)
+        return held_since, min(delay * 2, self._max_backoff_s)
 
     async def _store_without_hooks(self, pipe: _Pipe, m: Msg, one: PreparedBatch, exc: BaseException) -> bool:
         """An event an event hook keeps failing on is still stored, without its hooks

@@ -10,10 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 
-import nats
 import psycopg
 import pytest
 from nats.aio.client import Client as NatsClient
@@ -129,27 +128,6 @@ async def assert_exactly_once(dsn: str, msgs: Sequence[Telemetry]) -> None:
             "SELECT count(*) FROM telemetry WHERE proc_pid = ARRAY[1000 + gpu_index]::bigint[]"
         )
         assert await cur.fetchone() == (len(want),)
-
-
-@pytest.fixture
-async def nc(nats_server: NatsProc) -> AsyncIterator[NatsClient]:
-    client = await nats.connect(
-        nats_server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.2, connect_timeout=5
-    )
-    try:
-        yield client
-    finally:
-        await client.close()
-
-
-@pytest.fixture
-async def store(pg_dsn: str) -> AsyncIterator[Store]:
-    s = Store(pg_dsn)
-    await s.open()
-    try:
-        yield s
-    finally:
-        await s.close()
 
 
 def make_ingest(nc: NatsClient, store: Store, **kw: object) -> JetStreamIngest:

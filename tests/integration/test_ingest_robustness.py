@@ -8,7 +8,7 @@ raises once), never the wire or the database.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import nats
@@ -38,28 +38,8 @@ from tests.integration.test_ingest_noloss import (
     telemetry_msg,
     wait_for,
 )
-from tests.servers import NatsProc
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-async def nc(nats_server: NatsProc) -> AsyncIterator[NatsClient]:
-    client = await nats.connect(nats_server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
-    try:
-        yield client
-    finally:
-        await client.close()
-
-
-@pytest.fixture
-async def store(pg_dsn: str) -> AsyncIterator[Store]:
-    s = Store(pg_dsn)
-    await s.open()
-    try:
-        yield s
-    finally:
-        await s.close()
 
 
 def task(ingest: ingest_mod.JetStreamIngest, name: str) -> asyncio.Task[None]:
