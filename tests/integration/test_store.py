@@ -69,16 +69,6 @@ async def scalar(dsn: str, sql: str) -> object:
     return row[0] if row else None
 
 
-@pytest.fixture
-async def store(pg_dsn: str) -> AsyncIterator[Store]:
-    s = Store(pg_dsn)
-    await s.open()
-    try:
-        yield s
-    finally:
-        await s.close()
-
-
 # --------------------------------------------------------------------------- migrations
 
 
