@@ -74,18 +74,23 @@ def test_nan_and_infinite_numbers_rejected(literal: str) -> None:
     assert reason(text) in ("invalid_json", "invalid_value")
 
 
+def good_with(path: tuple, value: object) -> dict:
+    """A copy of GOOD with the field at ``path`` (keys and list indexes) set to ``value``."""
+    data = json.loads(json.dumps(GOOD))
+    target = data
+    for p in path[:-1]:
+        target = target[p]
+    target[path[-1]] = value
+    return data
+
+
 @pytest.mark.parametrize("path,value", [
     (("seq",), "1042"), (("ts",), "now"), (("gpus",), {}), (("state",), "dozing"),
     (("gpus", 0, "index"), -1), (("gpus", 0, "temp_c"), "hot"), (("gpus", 0, "state"), "melted"),
     (("gpus", 0, "processes"), [{"pid": "x"}]), (("gpus", 0, "power_w"), -5.0),
 ])
 def test_wrong_types_rejected(path: tuple, value: object) -> None:
-    data = json.loads(json.dumps(GOOD))
-    target = data
-    for p in path[:-1]:
-        target = target[p]
-    target[path[-1]] = value
-    assert reason(json.dumps(data)) == "invalid_value"
+    assert reason(json.dumps(good_with(path, value))) == "invalid_value"
 
 
 @pytest.mark.parametrize("path,value", [
@@ -95,13 +100,8 @@ def test_wrong_types_rejected(path: tuple, value: object) -> None:
 ])
 def test_values_storage_cannot_hold_rejected(path: tuple, value: object) -> None:
     """The ranges of docs/PROTOCOL.md: past them a timestamp or an int8/int4 column fails (or wraps)."""
-    data = json.loads(json.dumps(GOOD))
-    target = data
-    for p in path[:-1]:
-        target = target[p]
-    target[path[-1]] = value
     with pytest.raises(ProtocolError) as info:
-        decode_telemetry(json.dumps(data))
+        decode_telemetry(json.dumps(good_with(path, value)))
     assert info.value.reason == "invalid_value"
     assert path[-1] in info.value.detail
 
