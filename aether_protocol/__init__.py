@@ -1,7 +1,10 @@
 """Aether protocol v1, shared by the headless agent and the station (pure, no I/O)."""
 
 from aether_protocol.messages import (
+    AGENT_SET_ENV,
+    AGENT_SET_ENV_PREFIX,
     COMMAND_OPS,
+    ENV_NAME_RE,
     EVENT_KINDS,
     MAX_MESSAGE_BYTES,
     PROTOCOL_VERSION,
@@ -23,6 +26,7 @@ from aether_protocol.messages import (
     SleepCmd,
     Telemetry,
     WakeCmd,
+    agent_sets_env,
     command_id_and_op,
     decode_command,
     decode_event,
@@ -34,7 +38,10 @@ from aether_protocol.messages import (
 from aether_protocol.rejects import RejectCounter
 
 __all__ = [
+    "AGENT_SET_ENV",
+    "AGENT_SET_ENV_PREFIX",
     "COMMAND_OPS",
+    "ENV_NAME_RE",
     "EVENT_KINDS",
     "MAX_MESSAGE_BYTES",
     "PROTOCOL_VERSION",
@@ -57,6 +64,7 @@ __all__ = [
     "SleepCmd",
     "Telemetry",
     "WakeCmd",
+    "agent_sets_env",
     "command_id_and_op",
     "decode_command",
     "decode_event",

@@ -12,6 +12,7 @@ readers can count rejections per reason.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal, get_args
 
 import msgspec
@@ -153,6 +154,20 @@ class Event(msgspec.Struct, frozen=True, omit_defaults=True):
 
 
 # --------------------------------------------------------------------------- commands
+
+
+# A job's environment variables: names as POSIX shells accept them. The agent sets
+# these itself, and a job may never override them: the GPUs it was given and their
+# numbering, the PATH its argv[0] is looked up in, and AETHER_* (the job id, the
+# agent's own NATS secrets). Station forms refuse them early; agents refuse them always.
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+AGENT_SET_ENV = frozenset({"CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "NVIDIA_VISIBLE_DEVICES", "PATH"})
+AGENT_SET_ENV_PREFIX = "AETHER_"
+
+
+def agent_sets_env(name: str) -> bool:
+    """Whether the agent owns environment variable ``name`` (a job may not set it)."""
+    return name in AGENT_SET_ENV or name.startswith(AGENT_SET_ENV_PREFIX)
 
 
 class JobSpec(msgspec.Struct, frozen=True, omit_defaults=True):

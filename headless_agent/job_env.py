@@ -23,17 +23,11 @@ The agent's own variables stay refused whatever the operator says.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Iterable, Mapping
 
-from aether_protocol import JobSpec
+from aether_protocol import ENV_NAME_RE as ENV_NAME
+from aether_protocol import JobSpec, agent_sets_env
 
-ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-
-# Set (or withheld) by the agent itself; a job overriding them would run on GPUs it was not
-# given, or run a different program than the allowlisted name.
-AGENT_ENV = frozenset({"CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "NVIDIA_VISIBLE_DEVICES", "PATH"})
-AGENT_ENV_PREFIX = "AETHER_"
 # The agent's own secrets (NATS password, token, creds path) are not the job's business.
 SECRET_ENV_PREFIX = "AETHER_NATS"
 
@@ -77,10 +71,6 @@ PYTHON_SAFE_ENV = frozenset({
 })
 
 
-def is_agent_env(name: str) -> bool:
-    return name in AGENT_ENV or name.startswith(AGENT_ENV_PREFIX)
-
-
 def is_hook_env(name: str) -> bool:
     """Whether a variable makes programs load code, options or start-up files from the job's choice."""
     if name in HOOK_ENV or name.startswith(HOOK_ENV_PREFIXES):
@@ -92,7 +82,7 @@ def env_refusal(name: str, allowed_env: tuple[str, ...]) -> str | None:
     """Why a job may not set ``name`` (default rules, plus the hooks an operator allowed), or None."""
     if not ENV_NAME.match(name):
         return f"invalid environment variable name {name!r}"
-    if is_agent_env(name):
+    if agent_sets_env(name):
         return f"a job may not set {name}: the agent sets it"
     if name in allowed_env:
         return None
@@ -111,7 +101,7 @@ def check_allowed_env(names: Iterable[str]) -> list[str]:
     for name in names:
         if not ENV_NAME.match(name):
             raise ValueError(f"--allow-env {name!r} is not a valid environment variable name")
-        if is_agent_env(name):
+        if agent_sets_env(name):
             raise ValueError(f"--allow-env {name}: the agent sets it; jobs may never override it")
         if is_hook_env(name):
             hooks.append(name)

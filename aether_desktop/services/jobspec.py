@@ -17,6 +17,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from aether_desktop.services.jobtypes import JobKind, JobRequest
+from aether_protocol import ENV_NAME_RE, agent_sets_env
 
 # Limits mirror aether_protocol.JobSpec (argv items <= 4096 chars, cwd <= 256) so a
 # request accepted here is never refused later by the wire codec.
@@ -25,13 +26,6 @@ MAX_CWD_CHARS = 256
 MAX_GPUS = 64
 MAX_PRIORITY = 1_000_000
 _HOST_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-# The agent sets these itself (headless_agent.job_env.AGENT_ENV): overriding them would
-# run a job on GPUs the scheduler did not give it, or run another program than argv[0]
-# names. Every agent refuses them, so the form does too. (Loader and interpreter hooks
-# such as LD_AUDIT are refused by the agents unless an operator allowed them there.)
-RESERVED_ENV = frozenset({"CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "NVIDIA_VISIBLE_DEVICES", "PATH"})
-RESERVED_ENV_PREFIX = "AETHER_"
 
 FIELDS = ("command", "gpus", "mem", "kind", "expected", "priority", "deadline", "env", "cwd")
 
@@ -196,9 +190,11 @@ def parse_env(text: str) -> dict[str, str]:
         key = key.strip()
         if not sep:
             raise ValueError(f"line {n}: expected KEY=VALUE")
-        if not _ENV_NAME_RE.match(key):
+        if not ENV_NAME_RE.match(key):
             raise ValueError(f"line {n}: {key!r} is not a valid variable name (letters, digits, _)")
-        if key in RESERVED_ENV or key.startswith(RESERVED_ENV_PREFIX):
+        # Every agent refuses what it sets itself, so the form does too. (Loader and interpreter
+        # hooks such as LD_AUDIT are the agents' call: an operator may allow them on a host.)
+        if agent_sets_env(key):
             raise ValueError(f"line {n}: {key} is set by the agent (GPUs, program path, job id)")
         if key in env:
             raise ValueError(f"line {n}: {key} is set twice")
