@@ -48,7 +48,6 @@ from aether_desktop.services.job_watcher import JobWatcher as JobWatcher  # re-e
 from aether_desktop.services.jobspec import new_job_id
 from aether_desktop.services.jobtypes import TERMINAL_STATES, Decision, JobRequest, JobState
 from aether_protocol import Event
-from aether_protocol.messages import MAX_TS
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +97,8 @@ class JobRecord:
 
 
 def _dt(ts: float | None) -> datetime | None:
-    # Clamped to what datetime holds: an absurd time (the protocol bounds events'
-    # ts already) must not fail the event hook and, with it, the write transaction.
-    return None if ts is None else datetime.fromtimestamp(min(max(ts, 0.0), MAX_TS), UTC)
+    # Events' ts is within what datetime holds: the protocol bounds it when decoding.
+    return None if ts is None else datetime.fromtimestamp(ts, UTC)
 
 
 def _ts(dt: datetime | None) -> float | None:
